@@ -1,0 +1,239 @@
+"""Logit distillation: a student learns a teacher's next-token distribution (KL and friends at a temperature),
+mixed with the usual cross-entropy. Teacher and student must share a tokenizer (else use distil_hidden.py).
+
+    python distil_logits.py                                   # one GPU (or the CPU), the inline `config` below
+    accelerate launch distil_logits.py                        # several GPUs, DDP
+    accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_logits.py   # DeepSpeed ZeRO-3
+    python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
+    python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
+
+Copy this file per experiment and edit `config`.
+"""
+
+import json
+import os
+
+import torch
+from trl import SFTTrainer
+
+from common import (
+    CHATML_TEMPLATE,
+    DIVERGENCES,
+    ConfigError,
+    apply_spectrum,
+    build_sft_config,
+    causal_lm_loss,
+    check_output_dir,
+    load_causal_lm,
+    load_tokenizer,
+    logit_distillation_loss,
+    output_vocab_size,
+    prepare_datasets,
+    print_rank0,
+    read_spectrum_patterns,
+    run_cli,
+    shared_vocab_size,
+)
+
+config = {
+    "project_name": "distil-logits",  # a label written into the saved config
+    # --- data ---
+    "dataset": {
+        "name": "mlabonne/FineTome-100k",  # Hub id, or a local .json/.jsonl/.parquet file or save_to_disk folder
+        "split": "train",  # split to read from a Hub dataset
+        "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
+        "num_samples": None,  # keep only this many rows after shuffling (None: all)
+        "eval_size": 500,  # held-out rows (int) or fraction (float < 1) for evaluation; 0 disables evaluation
+        "seed": 42,  # shuffling and eval-split seed
+        "system_prompt": None,  # system message prepended to conversations that have none (None: no system turn)
+    },
+    # --- models ---
+    "models": {
+        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; must share the student's tokenizer
+        "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder
+    },
+    "tokenizer": {
+        "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length
+        "chat_template": CHATML_TEMPLATE,  # Jinja template used to render conversations (None: the tokenizer's own)
+    },
+    "model_config": {
+        "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
+    },
+    # --- distillation ---
+    "distillation": {
+        "temperature": 2.0,  # softens both distributions; the divergence is multiplied by temperature ** 2
+        "alpha": 0.5,  # loss = alpha * KD + (1 - alpha) * CE; 0 is plain SFT (no teacher loaded), 1 pure KD
+        "divergence": "forward_kl",  # forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | skew_reverse_kl
+        "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
+        "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
+    },
+    "spectrum": {
+        "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything
+    },
+    # --- training: any TRL SFTConfig / transformers TrainingArguments field ---
+    "training": {
+        "output_dir": "./results",  # checkpoints, the final student, its tokenizer and distillation_config.json
+        "num_train_epochs": 3,  # passes over the training rows
+        "per_device_train_batch_size": 1,  # rows per device per micro-step
+        "gradient_accumulation_steps": 8,  # micro-steps per optimizer step
+        "learning_rate": 2e-5,  # peak learning rate
+        "weight_decay": 0.05,  # AdamW weight decay
+        "warmup_ratio": 0.1,  # fraction of steps spent warming up (mapped to transformers 5's warmup_steps)
+        "lr_scheduler_type": "cosine",  # learning-rate schedule after warm-up
+        "bf16": True,  # bf16 weights and autocast on the GPU (ignored on the CPU)
+        "packing": False,  # pack rows into max_length sequences with TRL's best-fit packing (padding-free)
+        "activation_checkpointing": True,  # recompute activations in backward to save memory
+        "logging_steps": 1,  # log kd_loss, ce_loss and loss every this many optimizer steps
+        "eval_strategy": "steps",  # evaluate every eval_steps (when dataset.eval_size > 0)
+        "eval_steps": 500,  # optimizer steps between evaluations
+        "save_steps": 500,  # optimizer steps between checkpoints
+        "save_total_limit": 2,  # keep only the newest checkpoints
+        "seed": 42,  # model init and data order seed
+        "resume_from_checkpoint": None,  # True (latest checkpoint in output_dir) or a checkpoint path
+        "overwrite_output_dir": False,  # allow training into an output_dir that holds a finished run
+    },
+}
+
+
+def validate(config: dict) -> None:
+    """Check the distillation settings once, before anything is loaded or written."""
+    distillation = config["distillation"]
+    if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
+        raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
+    if not 0 <= distillation["alpha"] <= 1:
+        raise ConfigError(f"distillation.alpha must be in [0, 1], got {distillation['alpha']} (0: SFT, 1: pure KD).")
+    if distillation["divergence"] not in DIVERGENCES:
+        raise ConfigError(
+            f"unknown divergence '{distillation['divergence']}'; choose one of {', '.join(DIVERGENCES)}."
+        )
+    for key in ("beta", "skew"):
+        if not 0 < distillation[key] < 1:
+            raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
+    if config["tokenizer"]["max_length"] < 2:
+        raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
+    check_output_dir(config)
+
+
+class LogitsTrainer(SFTTrainer):
+    """SFTTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE.
+
+    TRL 1.x patches the student's forward with a fused LM head that, when called with labels, returns no logits;
+    this trainer calls the student without labels, so the plain forward returns full logits.
+    """
+
+    # compute_loss normalises by the whole optimizer step's token count itself (num_items_in_batch).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher=None, distillation: dict, vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation = distillation
+        self.vocab_size = vocab_size
+        self.teacher = None
+        if teacher is not None and distillation["alpha"] > 0:
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                # Same ZeRO stage as the student: under ZeRO-3 each process holds only the teacher's shard.
+                self.teacher = prepare_deepspeed(teacher, self.accelerator)
+            else:
+                self.teacher = teacher.to(self.accelerator.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs["use_cache"] = False
+        outputs = model(**model_inputs)
+        if num_items_in_batch is None:
+            # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
+            steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+            num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
+        ce_loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
+        alpha = self.distillation["alpha"]
+        kd_loss = torch.zeros_like(ce_loss)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits
+            kd_loss = logit_distillation_loss(
+                outputs.logits,
+                teacher_logits,
+                labels,
+                divergence=self.distillation["divergence"],
+                temperature=self.distillation["temperature"],
+                vocab_size=self.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                beta=self.distillation["beta"],
+                skew=self.distillation["skew"],
+            )
+        loss = alpha * kd_loss + (1 - alpha) * ce_loss
+        self._log_loss_parts(mode, labels, num_items_in_batch, kd_loss=kd_loss, ce_loss=ce_loss)
+        # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
+        if mode == "train" and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_loss_parts(self, mode: str, labels, num_items_in_batch, **parts) -> None:
+        """Record each loss part as a per-token mean over all processes (the logged values do not depend on the
+        batch split), averaged by SFTTrainer.log over the logging interval."""
+        count = (labels[:, 1:] != -100).sum()
+        for name, value in parts.items():
+            token_sum = value.detach() * num_items_in_batch
+            token_sum = self.accelerator.gather_for_metrics(token_sum.reshape(1)).sum()
+            total = self.accelerator.gather_for_metrics(count.reshape(1)).sum()
+            self._metrics[mode][name].append((token_sum / total.clamp(min=1)).item())
+
+
+def main(config: dict) -> str:
+    """Validate, load, train, save. Returns the output folder of the final student."""
+    validate(config)
+    distillation, training = config["distillation"], config["training"]
+    patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
+
+    tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
+    use_teacher = distillation["alpha"] > 0
+    vocab_size = len(tokenizer)
+    if use_teacher:
+        teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
+        vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer)
+    train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
+
+    student = load_causal_lm(config["models"]["student"], config)
+    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher else None
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is not None and output_vocab_size(model) < vocab_size:
+            raise ConfigError(
+                f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {vocab_size} tokens of "
+                "the tokenizer. Use the tokenizer that was trained with the model."
+            )
+    if patterns:
+        apply_spectrum(student, patterns)
+
+    args = build_sft_config(
+        config,
+        max_length=config["tokenizer"]["max_length"],
+        eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no",
+    )
+    trainer = LogitsTrainer(
+        model=student,
+        teacher=teacher,
+        distillation=distillation,
+        vocab_size=vocab_size,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training.get("resume_from_checkpoint"))
+
+    output_dir = training["output_dir"]
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
+            json.dump(config, handle, indent=2, default=str)
+    print_rank0(f"saved the student, its tokenizer and distillation_config.json to {output_dir}")
+    return output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main, config)
