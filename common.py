@@ -292,16 +292,22 @@ MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 _DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
+def check_dataset_path(name: str) -> None:
+    """A dataset name that looks like a local path (a data-file extension, or starting with . / ~) must exist."""
+    extension = os.path.splitext(name)[1].lower()
+    looks_local = extension in _DATA_EXTENSIONS or name.startswith((".", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"dataset file '{name}' does not exist. Fix dataset.name (a local path or a Hub id).")
+
+
 def load_raw_dataset(name: str, split: str = "train"):
     """Load a dataset from a local file (json, jsonl, parquet, csv), a folder written by `Dataset.save_to_disk`, a
     folder of such data files, or a Hub id. A local-looking path that does not exist is an error that names it."""
     import datasets
 
+    check_dataset_path(name)
     extension = os.path.splitext(name)[1].lower()
-    looks_local = extension in _DATA_EXTENSIONS or name.startswith((".", "/", "~")) or os.path.exists(name)
     path = os.path.expanduser(name)
-    if looks_local and not os.path.exists(path):
-        raise ConfigError(f"dataset file '{name}' does not exist. Fix dataset.name (a local path or a Hub id).")
     try:
         if os.path.isfile(path):
             if extension not in _DATA_EXTENSIONS:

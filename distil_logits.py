@@ -22,6 +22,7 @@ from common import (
     ConfigError,
     apply_spectrum,
     build_sft_config,
+    check_dataset_path,
     causal_lm_loss,
     check_output_dir,
     load_causal_lm,
@@ -111,6 +112,7 @@ def validate(config: dict) -> None:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
     if config["tokenizer"]["max_length"] < 2:
         raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
+    check_dataset_path(config["dataset"]["name"])
     check_output_dir(config)
 
 
@@ -129,6 +131,7 @@ class LogitsTrainer(SFTTrainer):
         self.distillation = distillation
         self.vocab_size = vocab_size
         self.teacher = None
+        self._loss_part_sums = {}
         if teacher is not None and distillation["alpha"] > 0:
             if self.is_deepspeed_enabled:
                 from trl.models import prepare_deepspeed
@@ -173,18 +176,27 @@ class LogitsTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_loss_parts(self, mode: str, labels, num_items_in_batch, **parts) -> None:
-        """Record each loss part as a per-token mean over all processes (the logged values do not depend on the
-        batch split), averaged by SFTTrainer.log over the logging interval."""
-        count = (labels[:, 1:] != -100).sum()
+        """Accumulate each loss part's token sum and the token count over all processes, so that the logged value is
+        the exact per-token mean over the logging interval, whatever the batch split."""
+        count = self.accelerator.gather_for_metrics((labels[:, 1:] != -100).sum().reshape(1)).sum().item()
+        sums = self._loss_part_sums.setdefault(mode, {"tokens": 0})
+        sums["tokens"] += count
         for name, value in parts.items():
-            token_sum = value.detach() * num_items_in_batch
-            token_sum = self.accelerator.gather_for_metrics(token_sum.reshape(1)).sum()
-            total = self.accelerator.gather_for_metrics(count.reshape(1)).sum()
-            self._metrics[mode][name].append((token_sum / total.clamp(min=1)).item())
+            token_sum = (value.detach() * num_items_in_batch).reshape(1)
+            sums[name] = sums.get(name, 0.0) + self.accelerator.gather_for_metrics(token_sum).sum().item()
+
+    def log(self, logs: dict, start_time=None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = self._loss_part_sums.pop(mode, None)
+        if sums:
+            prefix = "eval_" if mode == "eval" else ""
+            tokens = max(sums.pop("tokens"), 1)
+            logs.update({f"{prefix}{name}": total / tokens for name, total in sums.items()})
+        super().log(logs, start_time)
 
 
-def main(config: dict) -> str:
-    """Validate, load, train, save. Returns the output folder of the final student."""
+def main(config: dict) -> LogitsTrainer:
+    """Validate, load, train, save. Returns the trainer (its state holds the logged kd_loss and ce_loss)."""
     validate(config)
     distillation, training = config["distillation"], config["training"]
     patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
@@ -232,7 +244,7 @@ def main(config: dict) -> str:
         with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
             json.dump(config, handle, indent=2, default=str)
     print_rank0(f"saved the student, its tokenizer and distillation_config.json to {output_dir}")
-    return output_dir
+    return trainer
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
 CONVERSATIONS = [
     {"conversations": [{"from": "human", "value": "Name a fruit that is red."},
@@ -27,28 +28,11 @@ CONVERSATIONS = [
 
 
 def _train_tokenizer(out_dir: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's tokenizer recipe (byte-level BPE that round-trips next to a qwen2 config) on these conversations."""
+    from demo_data import render_chatml, train_tokenizer
 
-    from common import CHATML_TEMPLATE
-
-    texts = []
-    for row in CONVERSATIONS:
-        for turn in row["conversations"]:
-            texts.append(f"<|im_start|>{turn['from']}\n{turn['value']}<|im_end|>\n")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts * 5, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE
-    )
-    fast.save_pretrained(out_dir)
+    texts = [render_chatml(row["conversations"]) for row in CONVERSATIONS]
+    train_tokenizer(texts * 5, out_dir, vocab_size=320)
 
 
 def _tiny_model(out_dir: str, tokenizer_dir: str, kind: str, hidden: int, layers: int, vocab: int, seed: int) -> str:
@@ -61,7 +45,7 @@ def _tiny_model(out_dir: str, tokenizer_dir: str, kind: str, hidden: int, layers
     model_config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        eos_token_id=2, pad_token_id=0, bos_token_id=None,
+        eos_token_id=0, pad_token_id=0, bos_token_id=None,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config)
