@@ -428,25 +428,17 @@ def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
-def prepare_datasets(data_config: dict, tokenizer, max_length: int):
-    """Load, shuffle, subsample, tokenize and split the dataset. Returns (train, eval or None, stats).
+def _format_of(raw, requested: str | None) -> str:
+    if (requested or "auto") == "auto":
+        return detect_format(raw.column_names)
+    if requested not in ("sharegpt", "messages", "text"):
+        raise ConfigError(f"dataset.format '{requested}' is unknown; use auto, sharegpt, messages or text.")
+    detect_format(raw.column_names)  # the column must exist either way
+    return requested
 
-    Rows without a trainable token (no assistant turn, or truncated before one) are dropped and counted; if nothing
-    is left the run stops with an error. Sequences are not padded here: the collator pads per batch (or TRL packs).
-    """
-    raw = load_raw_dataset(data_config["name"], data_config.get("split", "train"))
-    data_format = data_config.get("format") or "auto"
-    if data_format == "auto":
-        data_format = detect_format(raw.column_names)
-    elif data_format not in ("sharegpt", "messages", "text"):
-        raise ConfigError(f"dataset.format '{data_format}' is unknown; use auto, sharegpt, messages or text.")
-    else:
-        detect_format(raw.column_names)  # the column must exist either way
-    raw = raw.shuffle(seed=data_config["seed"])
-    if data_config.get("num_samples"):
-        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
-    system_prompt = data_config.get("system_prompt")
-    column = {"sharegpt": "conversations", "messages": "messages", "text": "text"}[data_format]
+
+def _tokenize_dataset(raw, name: str, data_format: str, tokenizer, max_length: int, system_prompt: str | None):
+    """Tokenize every row, then drop (and count) rows left with no trainable token."""
 
     def tokenize(row: dict) -> dict:
         return tokenize_row(row, tokenizer, data_format, max_length, system_prompt)
@@ -456,22 +448,44 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int):
     dropped = len(tokenized) - len(keep)
     if not keep:
         raise ConfigError(
-            f"no row of dataset '{data_config['name']}' has a trainable token after formatting and truncation to "
+            f"no row of dataset '{name}' has a trainable token after formatting and truncation to "
             f"max_length={max_length} (no assistant turn, or max_length too small). Raise tokenizer.max_length or "
             "check the data."
         )
     if dropped:
-        print_rank0(f"dropped {dropped} of {len(tokenized)} rows with no trainable token (no assistant turn or truncated)")
-    tokenized = tokenized.select(keep)
-    eval_size = data_config.get("eval_size") or 0
-    eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
-    if eval_rows >= len(tokenized):
-        raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
+        print_rank0(f"dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token (no assistant turn or truncated)")
+    return tokenized.select(keep), dropped
+
+
+def prepare_datasets(data_config: dict, tokenizer, max_length: int):
+    """Load, shuffle, subsample, tokenize and split the dataset. Returns (train, eval or None, stats).
+
+    The eval set is `eval_name` (a separate dataset) when given, else `eval_size` rows split off with the seed.
+    Rows without a trainable token (no assistant turn, or truncated before one) are dropped and counted; if nothing
+    is left the run stops with an error. Sequences are not padded here: the collator pads per batch (or TRL packs).
+    """
+    name = data_config["name"]
+    raw = load_raw_dataset(name, data_config.get("split", "train"))
+    data_format = _format_of(raw, data_config.get("format"))
+    raw = raw.shuffle(seed=data_config["seed"])
+    if data_config.get("num_samples"):
+        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
+    system_prompt = data_config.get("system_prompt")
+    tokenized, dropped = _tokenize_dataset(raw, name, data_format, tokenizer, max_length, system_prompt)
     train, evaluation = tokenized, None
-    if eval_rows > 0:
-        split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
-        train, evaluation = split["train"], split["test"]
-    stats = {"format": data_format, "column": column, "rows": len(raw), "dropped": dropped, "train": len(train),
+    if data_config.get("eval_name"):
+        raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
+        evaluation, _ = _tokenize_dataset(raw_eval, data_config["eval_name"], _format_of(raw_eval, data_config.get("format")),
+                                          tokenizer, max_length, system_prompt)
+    else:
+        eval_size = data_config.get("eval_size") or 0
+        eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
+        if eval_rows >= len(tokenized):
+            raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
+        if eval_rows > 0:
+            split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
+            train, evaluation = split["train"], split["test"]
+    stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
              "eval": 0 if evaluation is None else len(evaluation)}
     print_rank0(f"dataset: {stats}")
     return train, evaluation, stats

@@ -45,6 +45,8 @@ config = {
         "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
         "num_samples": None,  # keep only this many rows after shuffling (None: all)
         "eval_size": 500,  # held-out rows (int) or fraction (float < 1) for evaluation; 0 disables evaluation
+        "eval_name": None,  # a separate held-out dataset (file or Hub id) instead of splitting eval_size rows off
+        "eval_split": "train",  # split of eval_name to read
         "seed": 42,  # shuffling and eval-split seed
         "system_prompt": None,  # system message prepended to conversations that have none (None: no system turn)
     },
@@ -112,7 +114,9 @@ def validate(config: dict) -> None:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
     if config["tokenizer"]["max_length"] < 2:
         raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
-    check_dataset_path(config["dataset"]["name"])
+    for key in ("name", "eval_name"):
+        if config["dataset"][key]:
+            check_dataset_path(config["dataset"][key])
     check_output_dir(config)
 
 

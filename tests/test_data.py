@@ -105,7 +105,7 @@ def test_rows_without_assistant_are_dropped_and_counted(tokenizer, tmp_path, cap
     name = write_jsonl(tmp_path / "d.jsonl", [SHAREGPT, no_answer, SHAREGPT, no_answer, no_answer])
     train, evaluation, stats = prepare_datasets({"name": name, "seed": 0, "eval_size": 1}, tokenizer, 512)
     assert stats["dropped"] == 3 and len(train) == 1 and len(evaluation) == 1
-    assert "dropped 3 of 5 rows" in capsys.readouterr().out
+    assert "dropped 3 of 5 rows of" in capsys.readouterr().out
 
 
 def test_no_row_left_is_an_error(tokenizer, tmp_path):

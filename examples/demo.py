@@ -1,0 +1,193 @@
+"""Offline CPU demo: distil a tiny teacher into a smaller student with distil_logits.py, and compare with plain SFT.
+
+    python examples/demo.py            # builds (once) data, tokenizer and teacher under examples/.cache, then trains
+    python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
+
+What it does, all offline:
+1. Makes a ShareGPT dataset of questions whose answers are sampled from a fixed distribution per question
+   (examples/demo_data.py), so a teacher's soft next-token distribution carries information a one-hot label lacks.
+2. Trains a byte-level BPE tokenizer and a small Qwen2-style teacher on the full training set (plain SFT, via
+   distil_logits.main with alpha = 0). Cached.
+3. Trains a smaller student, from the same initial weights and on the same small subset, twice: SFT only
+   (alpha = 0) and with logit distillation from the teacher (alpha, temperature below).
+4. Prints the held-out cross-entropy of the teacher, the untrained student, the SFT student and the KD student, and
+   writes examples/output/demo_curves.png and demo_results.json.
+"""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import torch  # noqa: E402
+
+import demo_data  # noqa: E402
+import distil_logits  # noqa: E402
+from common import causal_lm_loss, tokenize_row  # noqa: E402
+
+CACHE = os.path.join(HERE, ".cache")
+OUTPUT = os.path.join(HERE, "output")
+
+demo = {
+    "train_rows": 4000,  # rows the teacher learns from
+    "eval_rows": 400,  # held-out rows, same for every model
+    "student_rows": 300,  # the limited subset both students learn from
+    "vocab_size": 512,  # BPE tokenizer size
+    "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "epochs": 3},
+    "student": {"hidden_size": 64, "num_hidden_layers": 2, "epochs": 20},
+    "kd": {"alpha": 0.9, "temperature": 1.0, "divergence": "forward_kl"},
+}
+
+
+def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int) -> str:
+    """A randomly initialised Qwen2-style model saved with the demo tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+    ))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def run_config(name: str, teacher: str, student: str, data: str, eval_data: str, rows: int, epochs: int,
+               batch: int, learning_rate: float, output_dir: str, **distillation) -> dict:
+    """distil_logits.config pointed at local files, sized for a 2-core CPU."""
+    config = copy.deepcopy(distil_logits.config)
+    config["project_name"] = name
+    config["dataset"].update(name=data, eval_name=eval_data, num_samples=rows, seed=0)
+    config["models"].update(teacher=teacher, student=student)
+    config["tokenizer"]["max_length"] = 128
+    config["model_config"]["use_flash_attention"] = False
+    config["distillation"].update(distillation)
+    config["training"].update(
+        output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, learning_rate=learning_rate, weight_decay=0.0, warmup_ratio=0.05,
+        activation_checkpointing=False, logging_steps=10, eval_strategy="epoch", save_strategy="no",
+        overwrite_output_dir=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    return config
+
+
+def heldout_cross_entropy(model_dir: str, eval_path: str, max_length: int = 128) -> float:
+    """Per-token cross-entropy of a saved model on the assistant tokens of the held-out rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import CHATML_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in open(eval_path)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenize_row(row, tokenizer, "sharegpt", max_length)
+            input_ids = torch.tensor([encoded["input_ids"]])
+            labels = torch.tensor([encoded["labels"]])
+            tokens = int((labels[:, 1:] != -100).sum())
+            total += causal_lm_loss(model(input_ids).logits, labels).item() * tokens
+            count += tokens
+    return total / count
+
+
+def build(rebuild: bool) -> dict:
+    """Data, tokenizer, teacher and the untrained student, cached under examples/.cache."""
+    paths = {name: os.path.join(CACHE, name) for name in ("tokenizer", "teacher", "student_init")}
+    paths.update(train=os.path.join(CACHE, "train.jsonl"), eval=os.path.join(CACHE, "eval.jsonl"))
+    done = os.path.join(CACHE, "done.json")
+    if not rebuild and os.path.isfile(done) and json.load(open(done)) == demo:
+        print(f"using the cached data, tokenizer and teacher in {CACHE} (--rebuild to make them again)")
+        return paths
+    shutil.rmtree(CACHE, ignore_errors=True)
+    start = time.time()
+    train_rows = demo_data.make_conversations(demo["train_rows"], seed=0)
+    demo_data.write_jsonl(train_rows, paths["train"])
+    demo_data.write_jsonl(demo_data.make_conversations(demo["eval_rows"], seed=1_000_003), paths["eval"])
+    demo_data.train_tokenizer([demo_data.render_chatml(r["conversations"]) for r in train_rows], paths["tokenizer"],
+                              demo["vocab_size"])
+    teacher_init = model_folder(os.path.join(CACHE, "teacher_init"), paths["tokenizer"], vocab=demo["vocab_size"],
+                                seed=1, hidden_size=demo["teacher"]["hidden_size"],
+                                num_hidden_layers=demo["teacher"]["num_hidden_layers"])
+    model_folder(paths["student_init"], paths["tokenizer"], vocab=demo["vocab_size"], seed=2,
+                 hidden_size=demo["student"]["hidden_size"], num_hidden_layers=demo["student"]["num_hidden_layers"])
+    print("training the teacher on all training rows (plain SFT, alpha = 0)")
+    distil_logits.main(run_config("demo-teacher", teacher_init, teacher_init, paths["train"], paths["eval"],
+                                  demo["train_rows"], demo["teacher"]["epochs"], 32, 3e-3, paths["teacher"], alpha=0.0))
+    json.dump(demo, open(done, "w"))
+    print(f"built data, tokenizer and teacher in {time.time() - start:.0f} s")
+    return paths
+
+
+def eval_curve(trainer) -> list[tuple[float, float]]:
+    return [(log["epoch"], log["eval_ce_loss"]) for log in trainer.state.log_history if "eval_ce_loss" in log]
+
+
+def plot(curves: dict, lines: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        axis.plot(*zip(*curve), marker="o", label=name)
+    for (name, value), style in zip(lines.items(), (":", "--")):
+        axis.axhline(value, linestyle=style, color="gray", label=f"{name} ({value:.3f})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("held-out cross-entropy (nats/token)")
+    axis.set_title(f"Students trained on {demo['student_rows']} rows")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
+    args = parser.parse_args()
+    start = time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    paths = build(args.rebuild)
+    os.makedirs(OUTPUT, exist_ok=True)
+    student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
+                         eval_data=paths["eval"], rows=demo["student_rows"], epochs=demo["student"]["epochs"],
+                         batch=16, learning_rate=5e-3)
+    print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
+    sft = distil_logits.main(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
+    print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
+    kd = distil_logits.main(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
+
+    results = {
+        "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),
+        "student, untrained": heldout_cross_entropy(paths["student_init"], paths["eval"]),
+        "student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"]),
+        "student, logit KD": heldout_cross_entropy(os.path.join(OUTPUT, "kd"), paths["eval"]),
+    }
+    print(f"\nheld-out cross-entropy on the assistant tokens of {demo['eval_rows']} rows (lower is better):\n")
+    print("| model | eval CE (nats/token) |\n| --- | --- |")
+    for name, value in results.items():
+        print(f"| {name} | {value:.4f} |")
+    gap = results["student, SFT"] - results["student, logit KD"]
+    print(f"\nKD minus SFT: {-gap:+.4f} nats/token ({'KD better' if gap > 0 else 'SFT better or equal'})")
+    plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd)},
+         {"teacher": results["teacher (all rows)"]}, os.path.join(OUTPUT, "demo_curves.png"))
+    json.dump({"settings": demo, "eval_cross_entropy": results, "seconds": time.time() - start},
+              open(os.path.join(OUTPUT, "demo_results.json"), "w"), indent=2)
+    print(f"wrote {OUTPUT}/demo_curves.png and demo_results.json ({time.time() - start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
