@@ -632,3 +632,242 @@ def causal_lm_loss(
     total = F.cross_entropy(logits, labels[:, 1:][mask], reduction="sum")
     count = mask.sum() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunked logit distillation: the same loss, from final hidden states and output-head weights, chunk by chunk over
+# tokens, so that the (tokens, vocab) logits never exist for teacher or student.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) that the model applies between its output head and its logits:
+    logits = softcap * tanh(scale * (h W^T + b) / softcap), or scale * (h W^T + b) without soft-capping."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None):
+        scale = 1.0 / text_config.logits_scaling  # Granite divides its logits by logits_scaling
+    return float(1.0 if scale is None else scale), getattr(text_config, "final_logit_softcapping", None)
+
+
+def _head_logits(hidden, weight, bias, scale, softcap):
+    """Logits (float32) of one chunk, and d logits / d (h W^T + b) for the backward (None when it is a constant)."""
+    raw = hidden @ weight.t()
+    if bias is not None:
+        raw = raw + bias
+    logits = raw.float() * scale
+    if softcap is None:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, (1 - capped.square()) * scale
+
+
+def chunk_tokens_for_budget(vocab: int, memory_budget_mb: float, copies: int = 8) -> int:
+    """Tokens per chunk so that the chunk's float32 (tokens, vocab) temporaries fit in the budget.
+
+    One chunk holds about `copies` float32 arrays of (chunk, vocab): student and teacher logits, both log-softmaxes,
+    their probabilities and the logit gradient. chunk = budget / (copies * 4 bytes * vocab), at least 16 and a
+    multiple of 16 so the matrix products keep an efficient shape.
+    """
+    chunk = int(memory_budget_mb * 2**20 / (copies * 4 * vocab))
+    return max(16, chunk // 16 * 16)
+
+
+class _ChunkedDistillationLoss(torch.autograd.Function):
+    """kd_weight * KD + ce_weight * CE from hidden states, gradients computed chunk by chunk during the forward.
+
+    Forward KL and reverse KL use closed-form logit gradients; the other divergences differentiate
+    `token_divergence` on each chunk with autograd, so every divergence is exactly the one of
+    `logit_distillation_loss`.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                targets, options):
+        o = options
+        needs_grad = student_hidden.requires_grad or student_weight.requires_grad
+        device = student_hidden.device
+        count = torch.as_tensor(o["num_items"], dtype=torch.float32, device=device).clamp(min=1)
+        temperature, vocab, rows = o["temperature"], o["vocab_size"], student_weight.shape[0]
+        kd_weight = o["kd_weight"] * temperature / count  # d(T^2 * D)/ds = T * dD/d(s/T)
+        ce_weight = o["ce_weight"] / count
+        kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+        ce_sum = torch.zeros_like(kd_sum)
+        if needs_grad:
+            grad_hidden = torch.empty_like(student_hidden)
+            grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
+            grad_bias = None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
+        for start in range(0, student_hidden.shape[0], o["chunk_tokens"]):
+            end = min(start + o["chunk_tokens"], student_hidden.shape[0])
+            hidden, chunk_targets = student_hidden[start:end], targets[start:end]
+            logits, slope = _head_logits(hidden, student_weight, student_bias, *o["student_head"])
+            grad_kd = log_probs = None
+            if o["kd_weight"] != 0:
+                teacher_logits, _ = _head_logits(teacher_hidden[start:end], teacher_weight, teacher_bias, *o["teacher_head"])
+                log_p = F.log_softmax(teacher_logits[:, :vocab] / temperature, -1)
+                del teacher_logits
+                scaled = logits[:, :vocab] / temperature if temperature != 1 or vocab != rows else logits
+                if o["divergence"] == "forward_kl":
+                    log_q = F.log_softmax(scaled, -1)
+                    p = log_p.exp()
+                    kd_sum += _kl(log_p, log_q).sum()
+                    if needs_grad:  # dKL(p||q)/d(s/T) = q - p
+                        grad_kd = log_q.exp().sub_(p)
+                    del p
+                elif o["divergence"] == "reverse_kl":
+                    log_q = F.log_softmax(scaled, -1)
+                    q = log_q.exp()
+                    diff = log_q - log_p
+                    per_token = (q * diff).sum(-1)
+                    kd_sum += per_token.sum()
+                    if needs_grad:  # dKL(q||p)/d(s/T) = q * (log q - log p - KL)
+                        grad_kd = diff.sub_(per_token[:, None]).mul_(q)
+                    del q, diff
+                else:
+                    with torch.enable_grad():
+                        leaf = scaled.detach().requires_grad_(needs_grad)
+                        log_q = F.log_softmax(leaf, -1)
+                        chunk_sum = token_divergence(log_q, log_p, o["divergence"], o["beta"], o["skew"]).sum()
+                        if needs_grad:
+                            (grad_kd,) = torch.autograd.grad(chunk_sum, leaf)
+                    kd_sum += chunk_sum.detach()
+                    log_q = log_q.detach()
+                del log_p
+                if scaled is logits:
+                    log_probs = log_q  # T = 1 over the whole head: the CE's log-softmax is the same tensor
+            if log_probs is None:
+                log_probs = F.log_softmax(logits, -1)
+            ce_sum -= log_probs.gather(1, chunk_targets[:, None]).sum()
+            if not needs_grad:
+                continue
+            # d CE / d s = softmax(s) - onehot(target)
+            grad = log_probs.exp()
+            grad[torch.arange(end - start, device=device), chunk_targets] -= 1
+            grad.mul_(ce_weight)
+            if grad_kd is not None:
+                grad[:, :vocab].add_(grad_kd.mul_(kd_weight))
+            del grad_kd, log_probs
+            if slope is not None:
+                grad.mul_(slope)
+            elif o["student_head"][0] != 1.0:
+                grad.mul_(o["student_head"][0])
+            grad = grad.to(student_weight.dtype)
+            grad_hidden[start:end] = grad @ student_weight
+            grad_weight.add_((grad.t() @ hidden).float())
+            if grad_bias is not None:
+                grad_bias.add_(grad.float().sum(0))
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        else:
+            ctx.save_for_backward(None, None, None)
+        ctx.weight_dtype = student_weight.dtype
+        kd_loss, ce_loss = kd_sum * temperature**2 / count, ce_sum / count
+        ctx.mark_non_differentiable(kd_loss, ce_loss)
+        return o["kd_weight"] * kd_loss + o["ce_weight"] * ce_loss, kd_loss, ce_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        grad_bias = None if grad_bias is None else (grad_bias * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.nn.Module | None,
+    targets: torch.Tensor,
+    kd_weight: float,
+    ce_weight: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    student_transform: tuple[float, float | None] = (1.0, None),
+    teacher_transform: tuple[float, float | None] = (1.0, None),
+    memory_budget_mb: float = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kd_weight * KD + ce_weight * CE, equal to `logit_distillation_loss` and `causal_lm_loss`, without the full
+    logits. Returns (loss, kd_loss, ce_loss); only the first carries gradients.
+
+    `student_hidden` (N, Hs) and `teacher_hidden` (N, Ht) are the final hidden states at the N counted positions
+    (already shifted: position i predicts targets[i]); the heads are the models' output-embedding modules (weight
+    and optional bias), with `*_transform` = (logit scale, soft-cap) from `head_transform`. The chunk size comes from
+    `memory_budget_mb` (see `chunk_tokens_for_budget`). KD uses the first `vocab_size` logits; CE uses all of them,
+    as the model's own loss does.
+    """
+    student_weight = student_head.weight
+    output_rows = student_weight.shape[0]
+    vocab_size = vocab_size or output_rows
+    if teacher_head is None:
+        kd_weight = 0.0
+    options = {
+        "kd_weight": float(kd_weight), "ce_weight": float(ce_weight), "divergence": divergence,
+        "temperature": float(temperature), "vocab_size": vocab_size, "beta": beta, "skew": skew,
+        "num_items": targets.shape[0] if num_items_in_batch is None else num_items_in_batch,
+        "student_head": student_transform, "teacher_head": teacher_transform,
+        "chunk_tokens": chunk_tokens_for_budget(output_rows, memory_budget_mb),
+    }
+    return _ChunkedDistillationLoss.apply(
+        student_hidden, student_weight, getattr(student_head, "bias", None),
+        teacher_hidden, None if teacher_head is None else teacher_head.weight,
+        None if teacher_head is None else getattr(teacher_head, "bias", None),
+        targets, options,
+    )
+
+
+def add_distillation_forward(model: torch.nn.Module) -> None:
+    """Let `model(..., distillation={...})` run the backbone and the chunked loss instead of building logits.
+
+    The loss runs inside the model's forward on purpose: DDP and DeepSpeed hook the forward (gradient sync,
+    ZeRO-3 parameter gathering), and a loss computed outside it on the raw head weight would bypass them. Without
+    the `distillation` argument the forward is the original one, so generation and saving are unchanged.
+
+    `distillation` holds: labels (batch, seq), teacher_hidden (N, Ht) at the counted positions or None,
+    teacher_head (module) or None, and the keyword arguments of `chunked_distillation_loss`.
+    """
+    import types
+
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    original_forward = model.forward
+    transform = head_transform(model)
+
+    def forward(self, *args, distillation: dict | None = None, **kwargs):
+        if distillation is None:
+            return original_forward(*args, **kwargs)
+        options = dict(distillation)
+        labels = options.pop("labels")
+        teacher_hidden, teacher_head = options.pop("teacher_hidden"), options.pop("teacher_head")
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        mask = labels[:, 1:] != -100
+        head = self.get_output_embeddings()
+        teacher_params = () if teacher_head is None else (teacher_head.weight, getattr(teacher_head, "bias", None))
+        # Under ZeRO-3 the heads are partitioned; gather them for the loss only, once per step.
+        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None), *teacher_params):
+            loss, kd_loss, ce_loss = chunked_distillation_loss(
+                hidden[:, :-1][mask], head, teacher_hidden, teacher_head, labels[:, 1:][mask],
+                student_transform=transform, **options,
+            )
+        return {"loss": loss, "kd_loss": kd_loss, "ce_loss": ce_loss}
+
+    model.forward = types.MethodType(forward, model)
+
+
+def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher backbone's final hidden states at the positions whose next-token label counts, shape (N, Ht).
+    Only the backbone runs: the teacher's logits are built chunk by chunk inside the loss."""
+    backbone = teacher.module.base_model if hasattr(teacher, "module") else teacher.base_model
+    with torch.no_grad():
+        hidden = backbone(**inputs).last_hidden_state
+    return hidden[:, :-1][labels[:, 1:] != -100]

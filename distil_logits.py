@@ -21,19 +21,20 @@ from common import (
     DIVERGENCES,
     ConfigError,
     apply_spectrum,
+    add_distillation_forward,
     build_sft_config,
     check_dataset_path,
-    causal_lm_loss,
     check_output_dir,
+    head_transform,
     load_causal_lm,
     load_tokenizer,
-    logit_distillation_loss,
     output_vocab_size,
     prepare_datasets,
     print_rank0,
     read_spectrum_patterns,
     run_cli,
     shared_vocab_size,
+    teacher_hidden_at_counted_positions,
 )
 
 config = {
@@ -69,6 +70,7 @@ config = {
         "divergence": "forward_kl",  # forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | skew_reverse_kl
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
+        "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
     },
     "spectrum": {
         "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything
@@ -123,8 +125,10 @@ def validate(config: dict) -> None:
 class LogitsTrainer(SFTTrainer):
     """SFTTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE.
 
-    TRL 1.x patches the student's forward with a fused LM head that, when called with labels, returns no logits;
-    this trainer calls the student without labels, so the plain forward returns full logits.
+    Neither model builds its (tokens, vocab) logits: the teacher runs its backbone only, and the student's forward
+    (patched by common.add_distillation_forward) computes both terms chunk by chunk from the final hidden states
+    and the two output heads. TRL 1.x also patches the student's forward (a fused LM head used when called with
+    labels); the student is never given labels here, so that path is not taken.
     """
 
     # compute_loss normalises by the whole optimizer step's token count itself (num_items_in_batch).
@@ -134,8 +138,10 @@ class LogitsTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.distillation = distillation
         self.vocab_size = vocab_size
-        self.teacher = None
+        self.teacher = self._teacher_module = self._teacher_transform = None
         self._loss_part_sums = {}
+        # The student's forward computes the chunked loss itself when given `distillation=` (see common.py).
+        add_distillation_forward(self.model)
         if teacher is not None and distillation["alpha"] > 0:
             if self.is_deepspeed_enabled:
                 from trl.models import prepare_deepspeed
@@ -144,36 +150,39 @@ class LogitsTrainer(SFTTrainer):
                 self.teacher = prepare_deepspeed(teacher, self.accelerator)
             else:
                 self.teacher = teacher.to(self.accelerator.device)
+            self._teacher_module = teacher
+            self._teacher_transform = head_transform(teacher)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         model_inputs["use_cache"] = False
-        outputs = model(**model_inputs)
         if num_items_in_batch is None:
             # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
             steps = self.current_gradient_accumulation_steps if mode == "train" else 1
             num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
-        ce_loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch)
-        alpha = self.distillation["alpha"]
-        kd_loss = torch.zeros_like(ce_loss)
+        teacher_hidden = None
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits
-            kd_loss = logit_distillation_loss(
-                outputs.logits,
-                teacher_logits,
-                labels,
-                divergence=self.distillation["divergence"],
-                temperature=self.distillation["temperature"],
-                vocab_size=self.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                beta=self.distillation["beta"],
-                skew=self.distillation["skew"],
-            )
-        loss = alpha * kd_loss + (1 - alpha) * ce_loss
-        self._log_loss_parts(mode, labels, num_items_in_batch, kd_loss=kd_loss, ce_loss=ce_loss)
+            teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, model_inputs, labels)
+        alpha = self.distillation["alpha"]
+        outputs = model(**model_inputs, distillation={
+            "labels": labels,
+            "teacher_hidden": teacher_hidden,
+            "teacher_head": None if self.teacher is None else self._teacher_module.get_output_embeddings(),
+            "teacher_transform": self._teacher_transform,
+            "kd_weight": alpha,
+            "ce_weight": 1 - alpha,
+            "num_items_in_batch": num_items_in_batch,
+            "divergence": self.distillation["divergence"],
+            "temperature": self.distillation["temperature"],
+            "vocab_size": self.vocab_size,
+            "beta": self.distillation["beta"],
+            "skew": self.distillation["skew"],
+            "memory_budget_mb": self.distillation["loss_memory_mb"],
+        })
+        loss = outputs["loss"]
+        self._log_loss_parts(mode, labels, num_items_in_batch, kd_loss=outputs["kd_loss"], ce_loss=outputs["ce_loss"])
         # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
         if mode == "train" and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
