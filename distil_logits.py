@@ -148,6 +148,9 @@ class LogitsTrainer(SFTTrainer):
 
                 # Same ZeRO stage as the student: under ZeRO-3 each process holds only the teacher's shard.
                 self.teacher = prepare_deepspeed(teacher, self.accelerator)
+                held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
+                total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
+                print(f"teacher on rank {self.accelerator.process_index}: holds {held:,} of {total:,} parameters", flush=True)
             else:
                 self.teacher = teacher.to(self.accelerator.device)
             self._teacher_module = teacher
@@ -248,7 +251,9 @@ def main(config: dict) -> LogitsTrainer:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=training.get("resume_from_checkpoint"))
+    trainer.save_state()  # trainer_state.json: the logged losses, for comparing runs
 
     output_dir = training["output_dir"]
     trainer.save_model(output_dir)

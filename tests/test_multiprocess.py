@@ -1,0 +1,84 @@
+"""Several processes on the CPU (gloo): 2-process DDP matches a 1-process run with the same global batch (loss
+trajectory and final weights), and 2-process DeepSpeed ZeRO-3 with the shipped config partitions the teacher on
+each process, trains to the same losses and saves one consolidated student that loads with from_pretrained."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import distil_logits
+
+
+def overrides_file(assets, tmp_path, name, accumulation):
+    config = tiny_config(assets, str(tmp_path / name))
+    config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no")
+    config["dataset"]["eval_size"] = 0
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
+                                                             "distillation", "training")}))
+    return config, str(path)
+
+
+def launch(args, config_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args, os.path.join(ROOT, "distil_logits.py"),
+               "--config", config_path]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def losses(output_dir):
+    state = json.load(open(os.path.join(output_dir, "trainer_state.json")))
+    return [(log["loss"], log["kd_loss"], log["ce_loss"]) for log in state["log_history"] if "kd_loss" in log]
+
+
+@pytest.fixture(scope="module")
+def single_process(assets, tmp_path_factory):
+    """The reference: one process, batch 2, 4 accumulated micro-batches (global batch 8)."""
+    tmp_path = tmp_path_factory.mktemp("single")
+    config, _ = overrides_file(assets, tmp_path, "single", accumulation=4)
+    distil_logits.main(config)
+    return config["training"]["output_dir"]
+
+
+def assert_same_run(output_dir, reference_dir, tolerance):
+    got, want = losses(output_dir), losses(reference_dir)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, rel=tolerance, abs=tolerance)
+    want_weights = load_file(os.path.join(reference_dir, "model.safetensors"))
+    got_weights = load_file(os.path.join(output_dir, "model.safetensors"))
+    for name, value in want_weights.items():
+        torch.testing.assert_close(got_weights[name], value, rtol=tolerance, atol=tolerance)
+
+
+def test_ddp_two_processes_match_one(assets, tmp_path, single_process):
+    """2 processes x batch 2 x 2 accumulated = global batch 8, the same rows per step as the reference."""
+    config, path = overrides_file(assets, tmp_path, "ddp", accumulation=2)
+    log = launch(["--multi_gpu", "--num_processes", "2"], path)
+    assert "training on 2 process(es)" in log
+    assert_same_run(config["training"]["output_dir"], single_process, 1e-5)
+
+
+def test_zero3_two_processes_shard_the_teacher(assets, tmp_path, single_process):
+    config, path = overrides_file(assets, tmp_path, "zero3", accumulation=2)
+    log = launch(["--config_file", "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2"], path)
+    assert "training on 2 process(es), DistributedType.DEEPSPEED" in log
+    held = {int(rank): (int(a.replace(",", "")), int(b.replace(",", "")))
+            for rank, a, b in re.findall(r"teacher on rank (\d): holds ([\d,]+) of ([\d,]+) parameters", log)}
+    assert set(held) == {0, 1}
+    for rank, (local, total) in held.items():
+        assert local <= total // 2 + 64, f"rank {rank} holds {local} of {total}: the teacher is not partitioned"
+    output_dir = config["training"]["output_dir"]
+    assert_same_run(output_dir, single_process, 1e-4)
+    student = AutoModelForCausalLM.from_pretrained(output_dir)  # one consolidated checkpoint
+    assert student.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
