@@ -44,7 +44,7 @@ def run_cli(main: Callable[[dict], Any], config: dict) -> None:
     line on stderr and exit code 2 instead of a traceback."""
     try:
         main(load_overrides(config, sys.argv[1:]))
-    except ConfigError as error:
+    except (ConfigError, TrainingDivergedError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -107,6 +107,45 @@ def check_output_dir(config: dict) -> None:
             f"output_dir '{output_dir}' already holds a finished run. Choose another output_dir, or set "
             "training.resume_from_checkpoint, or training.overwrite_output_dir: true to replace it."
         )
+
+
+def checkpoint_is_complete(path: str) -> bool:
+    """The Trainer writes trainer_state.json last in a checkpoint: without it the save was cut off."""
+    has_weights = any(name.startswith(("model", "pytorch_model", "adapter_model")) or name.startswith("global_step")
+                      for name in os.listdir(path))
+    return has_weights and os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None) -> str | None:
+    """Turn training.resume_from_checkpoint into a checkpoint path, never one whose save was cut off.
+
+    True picks the newest complete checkpoint-N in output_dir (newer, incomplete ones are named and left alone) and
+    starts fresh when there is none, so a preempted job can be relaunched with the same config. A path must be a
+    complete checkpoint.
+    """
+    if not resume:
+        return None
+    if isinstance(resume, str):
+        if not os.path.isdir(resume) or not checkpoint_is_complete(resume):
+            raise ConfigError(f"resume_from_checkpoint '{resume}' is not a complete checkpoint folder (no "
+                              "trainer_state.json or weights). Point it at another checkpoint-N, or set it to true.")
+        return resume
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    complete = [(step, path) for step, path in sorted(found) if checkpoint_is_complete(path)]
+    broken = [path for step, path in found if complete == [] or step > complete[-1][0]]
+    broken = [path for path in broken if not checkpoint_is_complete(path)]
+    if broken:
+        print_rank0(f"warning: skipping checkpoints whose save was cut off: {', '.join(sorted(broken))}")
+    if not complete:
+        print_rank0(f"no complete checkpoint in {output_dir}; starting from the beginning")
+        return None
+    print_rank0(f"resuming from {complete[-1][1]}")
+    return complete[-1][1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -871,3 +910,26 @@ def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, 
     with torch.no_grad():
         hidden = backbone(**inputs).last_hidden_state
     return hidden[:, :-1][labels[:, 1:] != -100]
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the step, the term and the checkpoint to go back to."""
+
+
+def check_finite_losses(parts: dict[str, float], step: int, output_dir: str, mode: str = "train") -> None:
+    """Stop the run when a loss term is NaN or infinite, naming the step, the term and the last good checkpoint
+    (nothing is saved after the bad step, so every checkpoint on disk predates it)."""
+    bad = {name: value for name, value in parts.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    checkpoints = []
+    if os.path.isdir(output_dir):
+        checkpoints = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+                             and checkpoint_is_complete(os.path.join(output_dir, name)))
+    last = os.path.join(output_dir, checkpoints[-1][1]) if checkpoints else "none saved yet"
+    terms = ", ".join(f"{name}={value}" for name, value in parts.items())
+    raise TrainingDivergedError(
+        f"{' and '.join(sorted(bad))} became non-finite at {'optimizer step' if mode == 'train' else 'evaluation before step'} "
+        f"{step} ({terms}). Last good checkpoint: {last}. Lower the learning rate or check the data, then resume."
+    )

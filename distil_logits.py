@@ -23,6 +23,7 @@ from common import (
     apply_spectrum,
     add_distillation_forward,
     build_sft_config,
+    check_finite_losses,
     check_dataset_path,
     check_output_dir,
     head_transform,
@@ -32,6 +33,7 @@ from common import (
     prepare_datasets,
     print_rank0,
     read_spectrum_patterns,
+    resolve_resume_checkpoint,
     run_cli,
     shared_vocab_size,
     teacher_hidden_at_counted_positions,
@@ -197,9 +199,13 @@ class LogitsTrainer(SFTTrainer):
         count = self.accelerator.gather_for_metrics((labels[:, 1:] != -100).sum().reshape(1)).sum().item()
         sums = self._loss_part_sums.setdefault(mode, {"tokens": 0})
         sums["tokens"] += count
+        gathered = {}
         for name, value in parts.items():
             token_sum = (value.detach() * num_items_in_batch).reshape(1)
-            sums[name] = sums.get(name, 0.0) + self.accelerator.gather_for_metrics(token_sum).sum().item()
+            gathered[name] = self.accelerator.gather_for_metrics(token_sum).sum().item()
+            sums[name] = sums.get(name, 0.0) + gathered[name]
+        # Every process sees the same gathered sums, so all of them stop together, before the optimizer step.
+        check_finite_losses(gathered, self.state.global_step + 1, self.args.output_dir, mode)
 
     def log(self, logs: dict, start_time=None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -252,7 +258,7 @@ def main(config: dict) -> LogitsTrainer:
         processing_class=tokenizer,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
-    trainer.train(resume_from_checkpoint=training.get("resume_from_checkpoint"))
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
     trainer.save_state()  # trainer_state.json: the logged losses, for comparing runs
 
     output_dir = training["output_dir"]
