@@ -844,7 +844,8 @@ def chunked_distillation_loss(
     `memory_budget_mb` (see `chunk_tokens_for_budget`). KD uses the first `vocab_size` logits; CE uses all of them,
     as the model's own loss does.
     """
-    student_weight = student_head.weight
+    student_weight, student_bias = _full_head_tensors(student_head)
+    teacher_weight, teacher_bias = _full_head_tensors(teacher_head)
     output_rows = student_weight.shape[0]
     vocab_size = vocab_size or output_rows
     if teacher_head is None:
@@ -857,11 +858,23 @@ def chunked_distillation_loss(
         "chunk_tokens": chunk_tokens_for_budget(output_rows, memory_budget_mb),
     }
     return _ChunkedDistillationLoss.apply(
-        student_hidden, student_weight, getattr(student_head, "bias", None),
-        teacher_hidden, None if teacher_head is None else teacher_head.weight,
-        None if teacher_head is None else getattr(teacher_head, "bias", None),
-        targets, options,
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, options
     )
+
+
+def _full_head_tensors(head: torch.nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of an output head; FSDP2 shards them as DTensors, gathered here (differentiably) for the loss."""
+    if head is None:
+        return None, None
+    weight, bias = head.weight, getattr(head, "bias", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return weight, bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
 
 
 def add_distillation_forward(model: torch.nn.Module) -> None:
@@ -903,12 +916,27 @@ def add_distillation_forward(model: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def add_final_hidden_forward(model: torch.nn.Module) -> None:
+    """Let `model(..., final_hidden_only=True)` return the backbone's last hidden state without the output head.
+    Going through the model's own forward keeps the DeepSpeed and FSDP hooks that gather sharded parameters."""
+    import types
+
+    original_forward = model.forward
+
+    def forward(self, *args, final_hidden_only: bool = False, **kwargs):
+        if not final_hidden_only:
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+
+
 def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """The teacher backbone's final hidden states at the positions whose next-token label counts, shape (N, Ht).
-    Only the backbone runs: the teacher's logits are built chunk by chunk inside the loss."""
-    backbone = teacher.module.base_model if hasattr(teacher, "module") else teacher.base_model
+    """The teacher's final hidden states at the positions whose next-token label counts, shape (N, Ht). Needs
+    `add_final_hidden_forward(teacher)`: only the backbone runs, the logits are built chunk by chunk in the loss."""
     with torch.no_grad():
-        hidden = backbone(**inputs).last_hidden_state
+        hidden = teacher(**inputs, final_hidden_only=True)
     return hidden[:, :-1][labels[:, 1:] != -100]
 
 

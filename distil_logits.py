@@ -22,6 +22,7 @@ from common import (
     ConfigError,
     apply_spectrum,
     add_distillation_forward,
+    add_final_hidden_forward,
     build_sft_config,
     check_finite_losses,
     check_dataset_path,
@@ -145,6 +146,7 @@ class LogitsTrainer(SFTTrainer):
         # The student's forward computes the chunked loss itself when given `distillation=` (see common.py).
         add_distillation_forward(self.model)
         if teacher is not None and distillation["alpha"] > 0:
+            add_final_hidden_forward(teacher)  # before any wrapping, so the engines call the patched forward
             if self.is_deepspeed_enabled:
                 from trl.models import prepare_deepspeed
 
@@ -153,7 +155,13 @@ class LogitsTrainer(SFTTrainer):
                 held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
                 total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
                 print(f"teacher on rank {self.accelerator.process_index}: holds {held:,} of {total:,} parameters", flush=True)
+            elif self.is_fsdp_enabled:
+                from trl.models import prepare_fsdp
+
+                # Sharded like the student (same FSDP plugin), in eval mode, never given to the optimizer.
+                self.teacher = prepare_fsdp(teacher, self.accelerator)
             else:
+                # DDP or one device: one replica per process, moved once here, never per step.
                 self.teacher = teacher.to(self.accelerator.device)
             self._teacher_module = teacher
             self._teacher_transform = head_transform(teacher)
