@@ -112,3 +112,39 @@ def test_training_never_calls_an_output_head(assets, tmp_path, monkeypatch):
     trainer = distil_logits.main(tiny_config(assets, str(tmp_path / "out")))
     assert trainer.state.global_step == 3 and any("eval_kd_loss" in log for log in trainer.state.log_history)
     assert calls == []
+
+
+def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
+    """Padding-free packing (TRL's collator, position_ids restart per row, no attention mask) must keep rows from
+    attending to each other: the KD and CE sums equal those of the same rows padded into a batch."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from common import add_distillation_forward, add_final_hidden_forward, teacher_hidden_at_counted_positions
+
+    student = AutoModelForCausalLM.from_pretrained(assets["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
+    add_distillation_forward(student)
+    add_final_hidden_forward(teacher)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length in (9, 14, 6):
+        ids = torch.randint(3, assets["vocab"], (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+
+    def loss_of(batch):
+        labels = batch.pop("labels")
+        batch["use_cache"] = False
+        with torch.no_grad():
+            teacher_hidden = teacher_hidden_at_counted_positions(teacher, batch, labels)
+            return student(**batch, distillation={
+                "labels": labels, "teacher_hidden": teacher_hidden, "teacher_head": teacher.get_output_embeddings(),
+                "kd_weight": 0.5, "ce_weight": 0.5, "num_items_in_batch": 30, "temperature": 2.0,
+                "vocab_size": assets["vocab"]})
+
+    padded = loss_of(DataCollatorForLanguageModeling(pad_token_id=0)(rows))
+    packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
+    packed = loss_of(packed_batch)
+    for name in ("loss", "kd_loss", "ce_loss"):
+        assert packed[name].item() == pytest.approx(padded[name].item(), rel=1e-5), name
