@@ -5,6 +5,7 @@ mixed with the usual cross-entropy. Teacher and student must share a tokenizer (
     accelerate launch distil_logits.py                        # several GPUs, DDP
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_logits.py   # DeepSpeed ZeRO-3
     python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
+    python distil_logits.py --config capture.yaml             # offline.mode: capture -> store the teacher's top-k once
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
 
 Copy this file per experiment and edit `config`.
@@ -18,12 +19,16 @@ from trl import SFTTrainer
 
 from common import (
     CHATML_TEMPLATE,
+    TopKCapture,
+    TopKCodec,
     DIVERGENCES,
     ConfigError,
     apply_spectrum,
     add_distillation_forward,
     add_final_hidden_forward,
     build_sft_config,
+    capture_settings,
+    check_capture_manifest,
     check_finite_losses,
     check_dataset_path,
     check_output_dir,
@@ -35,6 +40,7 @@ from common import (
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
+    run_capture,
     run_cli,
     shared_vocab_size,
     teacher_hidden_at_counted_positions,
@@ -74,6 +80,13 @@ config = {
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
+    },
+    "offline": {
+        "mode": None,  # None: teacher runs next to the student | capture: store its top-k and stop | train: learn from a capture
+        "capture_dir": None,  # folder of the capture (parquet shards + manifest.json)
+        "top_k": 64,  # tokens stored per position (k), plus one bucket for the rest of the teacher's mass
+        "capture_batch_size": 8,  # rows per teacher forward while capturing
+        "shard_rows": 1000,  # rows per parquet shard (the unit an interrupted capture resumes from)
     },
     "spectrum": {
         "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything
@@ -117,6 +130,17 @@ def validate(config: dict) -> None:
     for key in ("beta", "skew"):
         if not 0 < distillation[key] < 1:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
+    offline = config["offline"]
+    if offline["mode"] not in (None, "capture", "train"):
+        raise ConfigError(f"offline.mode must be null, capture or train, got {offline['mode']!r}.")
+    if offline["mode"] and not offline["capture_dir"]:
+        raise ConfigError(f"offline.mode {offline['mode']} needs offline.capture_dir (the capture folder).")
+    if offline["mode"] == "train" and config["training"].get("packing"):
+        raise ConfigError("training from a capture needs training.packing: false (the stored positions are per row).")
+    if offline["mode"] and distillation["alpha"] == 0:
+        raise ConfigError("offline.mode is set but distillation.alpha is 0 (plain SFT needs no teacher).")
+    if not isinstance(offline["top_k"], int) or offline["top_k"] < 1:
+        raise ConfigError(f"offline.top_k must be a positive integer, got {offline['top_k']!r}.")
     if config["tokenizer"]["max_length"] < 2:
         raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
     for key in ("name", "eval_name"):
@@ -137,10 +161,12 @@ class LogitsTrainer(SFTTrainer):
     # compute_loss normalises by the whole optimizer step's token count itself (num_items_in_batch).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher=None, distillation: dict, vocab_size: int, **kwargs):
+    def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.distillation = distillation
         self.vocab_size = vocab_size
+        self.capture_readers = capture_readers
         self.teacher = self._teacher_module = self._teacher_transform = None
         self._loss_part_sums = {}
         # The student's forward computes the chunked loss itself when given `distillation=` (see common.py).
@@ -169,15 +195,18 @@ class LogitsTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        capture_rows = inputs.get("capture_row")
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
         model_inputs["use_cache"] = False
         if num_items_in_batch is None:
             # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
             steps = self.current_gradient_accumulation_steps if mode == "train" else 1
             num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
-        teacher_hidden = None
+        teacher_hidden = stored_topk = None
         if self.teacher is not None:
             teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, model_inputs, labels)
+        elif self.capture_readers is not None:
+            stored_topk = self.capture_readers[mode].batch(capture_rows.tolist(), labels.device)
         alpha = self.distillation["alpha"]
         outputs = model(**model_inputs, distillation={
             "labels": labels,
@@ -193,6 +222,7 @@ class LogitsTrainer(SFTTrainer):
             "beta": self.distillation["beta"],
             "skew": self.distillation["skew"],
             "memory_budget_mb": self.distillation["loss_memory_mb"],
+            "teacher_topk": stored_topk,
         })
         loss = outputs["loss"]
         self._log_loss_parts(mode, labels, num_items_in_batch, kd_loss=outputs["kd_loss"], ce_loss=outputs["ce_loss"])
@@ -225,22 +255,56 @@ class LogitsTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
+class CaptureRowCollator:
+    """TRL's padding collator, plus each row's index in its split so the trainer can fetch its stored top-k."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate([{key: example[key] for key in ("input_ids", "labels")} for example in examples])
+        batch["capture_row"] = torch.tensor([example["capture_row"] for example in examples])
+        return batch
+
+
 def main(config: dict) -> LogitsTrainer:
     """Validate, load, train, save. Returns the trainer (its state holds the logged kd_loss and ce_loss)."""
     validate(config)
     distillation, training = config["distillation"], config["training"]
     patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
 
+    offline = config["offline"]
     tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
-    use_teacher = distillation["alpha"] > 0
+    use_teacher = distillation["alpha"] > 0 and offline["mode"] != "train"
     vocab_size = len(tokenizer)
     if use_teacher:
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer)
+    if offline["top_k"] > vocab_size:
+        raise ConfigError(f"offline.top_k={offline['top_k']} is larger than the vocabulary ({vocab_size} tokens).")
     train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
+    splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
 
-    student = load_causal_lm(config["models"]["student"], config)
+    capture_readers = None
+    if offline["mode"] == "train":
+        # Offline: the teacher is never loaded; its top-k comes from the capture, checked against this run first.
+        capture = TopKCapture(offline["capture_dir"])
+        manifest = capture.manifest()
+        expected = capture_settings(config, tokenizer, manifest["vocab_size"] if manifest else vocab_size, splits)
+        check_capture_manifest(manifest, expected, capture.folder, for_training=True)
+        codec = TopKCodec(manifest["vocab_size"], manifest["top_k"])
+        capture_readers = {split: capture.load(split, dataset, codec) for split, dataset in splits.items()}
+        vocab_size = manifest["vocab_size"]
+        train_dataset = train_dataset.add_column("capture_row", list(range(len(train_dataset))))
+        if eval_dataset is not None:
+            eval_dataset = eval_dataset.add_column("capture_row", list(range(len(eval_dataset))))
+
     teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher else None
+    if offline["mode"] == "capture":
+        return run_capture(config, teacher, tokenizer, splits, vocab_size)
+    student = load_causal_lm(config["models"]["student"], config)
     for name, model in (("student", student), ("teacher", teacher)):
         if model is not None and output_vocab_size(model) < vocab_size:
             raise ConfigError(
@@ -258,12 +322,14 @@ def main(config: dict) -> LogitsTrainer:
     trainer = LogitsTrainer(
         model=student,
         teacher=teacher,
+        capture_readers=capture_readers,
         distillation=distillation,
         vocab_size=vocab_size,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else None,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))

@@ -1,0 +1,172 @@
+"""Offline distillation: the compact top-k record (size and reconstruction KL), the sparse loss against the
+reference on full logits for every divergence, capture then train without loading the teacher, resume of an
+interrupted capture, and each bad input (missing or truncated shard, manifest mismatch, k larger than the
+vocabulary, a capture made with another tokenizer)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from test_distil_logits import mismatched_student
+
+import distil_logits
+from common import (
+    DIVERGENCES,
+    ConfigError,
+    TopKCodec,
+    causal_lm_loss,
+    chunked_distillation_loss,
+    teacher_topk,
+    topk_distillation_loss,
+)
+
+
+def reconstruction_kl(codec, logits, k):
+    ids, log_probs, tail = teacher_topk(logits, k)
+    got_ids, got_log_probs, got_tail = codec.decode(codec.encode(ids.numpy(), log_probs.numpy()))
+    order = np.argsort(ids.numpy(), 1)
+    assert (np.take_along_axis(ids.numpy(), order, 1) == got_ids).all()  # ids are exact
+    p = np.concatenate([np.take_along_axis(log_probs.double().exp().numpy(), order, 1), tail.double().numpy()[:, None]], 1)
+    q = np.concatenate([np.exp(got_log_probs.astype(np.float64)), got_tail.astype(np.float64)[:, None]], 1)
+    assert np.allclose(q.sum(1), 1, atol=1e-5)
+    return np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(q)), 0).sum(1).mean()
+
+
+def test_record_is_160_bytes_at_k64_on_the_qwen2_vocabulary_and_reconstructs_within_1e3_kl():
+    codec = TopKCodec(151936, 64)
+    assert codec.record_bytes == 160
+    torch.manual_seed(0)
+    ranks = torch.arange(1, 151937).float().log()
+    for temperature in (1.0, 2.0):
+        gaussian = torch.randn(32, 151936) * 10 / temperature  # entropy about 1.2 nats at T = 1
+        zipf = torch.stack([-2.5 * ranks[torch.randperm(151936)] + 0.3 * torch.randn(151936) for _ in range(32)]) / temperature
+        for logits in (gaussian, zipf):
+            assert reconstruction_kl(codec, logits, 64) < 1e-3
+
+
+def test_small_vocabulary_and_odd_k_round_trip():
+    codec = TopKCodec(320, 15)
+    logits = torch.randn(40, 320) * 3
+    assert reconstruction_kl(codec, logits, 15) < 1e-3
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sparse_chunked_loss_equals_reference_on_full_logits(divergence):
+    """With the exact top-k values (no quantisation), the chunked offline loss equals the top-k loss computed from
+    full student logits: values and gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 70)
+    hidden = torch.randn(2, 13, 16, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 13))
+    labels[0, :4] = -100
+    mask = labels[:, 1:] != -100
+    ids, log_probs, tail = teacher_topk((torch.randn(2, 13, 64) * 3)[:, :-1][mask], 8, 2.0)
+    logits = head(hidden)
+    want = 0.6 * topk_distillation_loss(logits, labels, ids, log_probs, tail, divergence, 2.0, 64, 30) + \
+        0.4 * causal_lm_loss(logits, labels, 30)
+    want.backward()
+    want_grad = hidden.grad.clone()
+    hidden.grad = None
+    got, _, _ = chunked_distillation_loss(hidden[:, :-1][mask], head, None, None, labels[:, 1:][mask], 0.6, 0.4, 30,
+                                          divergence, 2.0, 64, teacher_topk=(ids, log_probs, tail), memory_budget_mb=0.01)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert ((hidden.grad - want_grad).abs().max() / want_grad.abs().max()).item() < 1e-5
+
+
+def test_topk_loss_with_every_token_equals_the_full_loss():
+    """k = V: the top-k loss is the ordinary loss (the tail bucket is empty)."""
+    from common import logit_distillation_loss
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 9, 20), torch.randn(2, 9, 20) * 2
+    labels = torch.randint(0, 20, (2, 9))
+    mask = labels[:, 1:] != -100
+    ids, log_probs, tail = teacher_topk(teacher[:, :-1][mask], 20, 1.5)
+    sparse = topk_distillation_loss(student, labels, ids, log_probs, tail, "forward_kl", 1.5)
+    assert sparse.item() == pytest.approx(logit_distillation_loss(student, teacher, labels, "forward_kl", 1.5).item(), rel=1e-5)
+
+
+def offline_config(assets, tmp_path, mode, **offline):
+    config = tiny_config(assets, str(tmp_path / "out"), temperature=2.0)
+    config["offline"].update(mode=mode, capture_dir=str(tmp_path / "capture"), top_k=16, shard_rows=4, **offline)
+    return config
+
+
+@pytest.fixture
+def captured(assets, tmp_path):
+    manifest = distil_logits.main(offline_config(assets, tmp_path, "capture"))
+    return tmp_path, manifest
+
+
+def test_capture_then_train_without_the_teacher(assets, captured):
+    tmp_path, manifest = captured
+    assert manifest["complete"] and manifest["top_k"] == 16 and manifest["rows"] == {"train": 12, "eval": 4}
+    assert not os.path.exists(tmp_path / "out")  # capturing trains nothing
+    config = offline_config(assets, tmp_path, "train")
+    config["models"]["teacher"] = str(tmp_path / "no-such-teacher")  # never loaded
+    trainer = distil_logits.main(config)
+    logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert trainer.teacher is None and logs and all(log["kd_loss"] > 0 and np.isfinite(log["loss"]) for log in logs)
+    assert any(log.get("eval_kd_loss", 0) > 0 for log in trainer.state.log_history)
+
+
+def test_interrupted_capture_resumes(assets, captured):
+    tmp_path, _ = captured
+    folder = tmp_path / "capture"
+    shards = sorted(name for name in os.listdir(folder) if name.endswith(".parquet"))
+    before = {name: (folder / name).read_bytes() for name in shards}
+    os.remove(folder / shards[1])  # as if the run died before writing it
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["complete"] = False
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    distil_logits.main(offline_config(assets, tmp_path, "capture"))
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".parquet")) == shards
+    import pyarrow.parquet as pq
+
+    rewritten = pq.read_table(folder / shards[1]).to_pydict()
+    original = pq.read_table(__import__("io").BytesIO(before[shards[1]])).to_pydict()
+    assert rewritten == original  # the same rows, the same records
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("delete_shard", "lacks .* rows of its train split"),
+    ("truncate_shard", "truncated or corrupt"),
+    ("max_length", "tokenizer.max_length differs"),
+    ("temperature", "temperature differs"),
+    ("other_tokenizer", "another tokenizer"),
+    ("incomplete", "not complete"),
+])
+def test_bad_capture_is_one_clear_error(assets, captured, damage, message):
+    tmp_path, _ = captured
+    folder = tmp_path / "capture"
+    config = offline_config(assets, tmp_path, "train")
+    shard = folder / sorted(name for name in os.listdir(folder) if name.startswith("train-"))[0]
+    if damage == "delete_shard":
+        os.remove(shard)
+    elif damage == "truncate_shard":
+        shard.write_bytes(shard.read_bytes()[:50])
+    elif damage == "max_length":
+        config["tokenizer"]["max_length"] = 48
+    elif damage == "temperature":
+        config["distillation"]["temperature"] = 1.0
+    elif damage == "other_tokenizer":
+        config["models"]["student"] = mismatched_student(assets, tmp_path)
+    elif damage == "incomplete":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ConfigError, match=message):
+        distil_logits.main(config)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_top_k_larger_than_the_vocabulary(assets, tmp_path):
+    config = offline_config(assets, tmp_path, "capture")
+    config["offline"]["top_k"] = 100000
+    with pytest.raises(ConfigError, match="larger than the vocabulary"):
+        distil_logits.main(config)
+    assert not os.path.exists(tmp_path / "capture")
