@@ -1,4 +1,5 @@
-"""Offline CPU demo: distil a tiny teacher into a smaller student with distil_logits.py, and compare with plain SFT.
+"""Offline CPU demo: distil a tiny teacher into smaller students with distil_logits.py and distil_hidden.py, and
+compare with plain SFT.
 
     python examples/demo.py            # builds (once) data, tokenizer and teacher under examples/.cache, then trains
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
@@ -10,8 +11,13 @@ What it does, all offline:
    distil_logits.main with alpha = 0). Cached.
 3. Trains a smaller student, from the same initial weights and on the same small subset, twice: SFT only
    (alpha = 0) and with logit distillation from the teacher (alpha, temperature below).
-4. Prints the held-out cross-entropy of the teacher, the untrained student, the SFT student and the KD student, and
-   writes examples/output/demo_curves.png and demo_results.json.
+4. Trains a Llama-style student (another architecture, hidden size and depth) on the same rows and epochs, SFT only
+   and with hidden-state distillation (distil_hidden.py, shared tokenizer); then the same pair again with the
+   student on a second tokenizer (trained on other rows, another vocabulary size), where hidden states are compared
+   only at aligned character offsets.
+5. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
+   examples/output/demo_curves.png and demo_results.json. Cross-entropies of the tokenizer-B students are per
+   tokenizer-B token: compare them with each other, not with the other rows.
 """
 
 import argparse
@@ -30,6 +36,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 import demo_data  # noqa: E402
+import distil_hidden  # noqa: E402
 import distil_logits  # noqa: E402
 from common import causal_lm_loss, tokenize_row  # noqa: E402
 
@@ -39,20 +46,25 @@ OUTPUT = os.path.join(HERE, "output")
 demo = {
     "train_rows": 4000,  # rows the teacher learns from
     "eval_rows": 400,  # held-out rows, same for every model
-    "student_rows": 300,  # the limited subset both students learn from
+    "student_rows": 300,  # the limited subset every student learns from
     "vocab_size": 512,  # BPE tokenizer size
     "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "epochs": 3},
     "student": {"hidden_size": 64, "num_hidden_layers": 2, "epochs": 20},
     "kd": {"alpha": 0.9, "temperature": 1.0, "divergence": "forward_kl"},
+    # hidden-state distillation: a Llama-style student, trained for as many epochs on the same student_rows
+    "hidden_student": {"hidden_size": 48, "num_hidden_layers": 3},
+    "hidden": {"alpha": 0.5, "loss": "mse", "layer_map": "uniform"},
+    "tokenizer_b": {"vocab_size": 384, "rows": 1000, "seed": 7},  # the second student tokenizer: other rows and size
 }
 
 
-def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int) -> str:
-    """A randomly initialised Qwen2-style model saved with the demo tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int,
+                 kind: str = "qwen2") -> str:
+    """A randomly initialised Qwen2-style (or Llama-style) model saved with a demo tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(
+    model = AutoModelForCausalLM.from_config({"qwen2": Qwen2Config, "llama": LlamaConfig}[kind](
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=None,
@@ -63,9 +75,9 @@ def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_lay
 
 
 def run_config(name: str, teacher: str, student: str, data: str, eval_data: str, rows: int, epochs: int,
-               batch: int, learning_rate: float, output_dir: str, **distillation) -> dict:
-    """distil_logits.config pointed at local files, sized for a 2-core CPU."""
-    config = copy.deepcopy(distil_logits.config)
+               batch: int, learning_rate: float, output_dir: str, script=distil_logits, **distillation) -> dict:
+    """distil_logits.config (or `script`'s config) pointed at local files, sized for a 2-core CPU."""
+    config = copy.deepcopy(script.config)
     config["project_name"] = name
     config["dataset"].update(name=data, eval_name=eval_data, num_samples=rows, seed=0)
     config["models"].update(teacher=teacher, student=student)
@@ -83,6 +95,13 @@ def run_config(name: str, teacher: str, student: str, data: str, eval_data: str,
 
 def heldout_cross_entropy(model_dir: str, eval_path: str, max_length: int = 128) -> float:
     """Per-token cross-entropy of a saved model on the assistant tokens of the held-out rows."""
+    total, count = heldout_nats(model_dir, eval_path, max_length)
+    return total / count
+
+
+def heldout_nats(model_dir: str, eval_path: str, max_length: int = 128) -> tuple[float, int]:
+    """(total nats, number of tokens) of a saved model on the assistant tokens of the held-out rows. The total is the
+    negative log-likelihood of the assistant text itself, so it compares across tokenizers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common import CHATML_TEMPLATE
@@ -100,12 +119,13 @@ def heldout_cross_entropy(model_dir: str, eval_path: str, max_length: int = 128)
             tokens = int((labels[:, 1:] != -100).sum())
             total += causal_lm_loss(model(input_ids).logits, labels).item() * tokens
             count += tokens
-    return total / count
+    return total, count
 
 
 def build(rebuild: bool) -> dict:
-    """Data, tokenizer, teacher and the untrained student, cached under examples/.cache."""
-    paths = {name: os.path.join(CACHE, name) for name in ("tokenizer", "teacher", "student_init")}
+    """Data, tokenizers, teacher and the untrained students, cached under examples/.cache."""
+    paths = {name: os.path.join(CACHE, name)
+             for name in ("tokenizer", "teacher", "student_init", "tokenizer_b", "llama_init", "llama_b_init")}
     paths.update(train=os.path.join(CACHE, "train.jsonl"), eval=os.path.join(CACHE, "eval.jsonl"))
     done = os.path.join(CACHE, "done.json")
     if not rebuild and os.path.isfile(done) and json.load(open(done)) == demo:
@@ -123,6 +143,13 @@ def build(rebuild: bool) -> dict:
                                 num_hidden_layers=demo["teacher"]["num_hidden_layers"])
     model_folder(paths["student_init"], paths["tokenizer"], vocab=demo["vocab_size"], seed=2,
                  hidden_size=demo["student"]["hidden_size"], num_hidden_layers=demo["student"]["num_hidden_layers"])
+    # The hidden-state students: Llama-style, one on the teacher's tokenizer and one on a second tokenizer.
+    rows_b = demo_data.make_conversations(demo["tokenizer_b"]["rows"], seed=demo["tokenizer_b"]["seed"])
+    demo_data.train_tokenizer([demo_data.render_chatml(r["conversations"]) for r in rows_b], paths["tokenizer_b"],
+                              demo["tokenizer_b"]["vocab_size"])
+    for name, tokenizer_dir, vocab in (("llama_init", paths["tokenizer"], demo["vocab_size"]),
+                                       ("llama_b_init", paths["tokenizer_b"], demo["tokenizer_b"]["vocab_size"])):
+        model_folder(paths[name], tokenizer_dir, vocab=vocab, seed=3, kind="llama", **demo["hidden_student"])
     print("training the teacher on all training rows (plain SFT, alpha = 0)")
     distil_logits.main(run_config("demo-teacher", teacher_init, teacher_init, paths["train"], paths["eval"],
                                   demo["train_rows"], demo["teacher"]["epochs"], 32, 3e-3, paths["teacher"], alpha=0.0))
@@ -159,7 +186,9 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
     args = parser.parse_args()
     start = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
+    # spin-wait for each other and run 10-50x slower.
+    torch.set_num_threads(1)
     paths = build(args.rebuild)
     os.makedirs(OUTPUT, exist_ok=True)
     student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
@@ -170,19 +199,50 @@ def main() -> None:
     print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
     kd = distil_logits.main(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
 
+    llama_setup = dict(student_setup, student=paths["llama_init"])
+    print(f"training a Llama-style student {demo['hidden_student']} on the same rows: SFT, then hidden-state KD "
+          f"({demo['hidden']})")
+    llama_sft = distil_logits.main(run_config("demo-llama-sft", output_dir=os.path.join(OUTPUT, "llama_sft"), alpha=0.0,
+                                              **llama_setup))
+    llama_hidden = distil_hidden.main(run_config("demo-llama-hidden", output_dir=os.path.join(OUTPUT, "llama_hidden"),
+                                                 script=distil_hidden, **demo["hidden"], **llama_setup))
+    b_setup = dict(student_setup, student=paths["llama_b_init"])
+    print(f"the same two runs with the Llama student on tokenizer B ({demo['tokenizer_b']})")
+    distil_logits.main(run_config("demo-llama-b-sft", output_dir=os.path.join(OUTPUT, "llama_b_sft"), alpha=0.0, **b_setup))
+    distil_hidden.main(run_config("demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"),
+                                  script=distil_hidden, **demo["hidden"], **b_setup))
+
     results = {
         "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),
         "student, untrained": heldout_cross_entropy(paths["student_init"], paths["eval"]),
         "student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"]),
         "student, logit KD": heldout_cross_entropy(os.path.join(OUTPUT, "kd"), paths["eval"]),
+        "Llama student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "llama_sft"), paths["eval"]),
+        "Llama student, hidden-state KD": heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"]),
     }
+    # Tokenizer-B students: the negative log-likelihood of the same assistant text, per teacher-tokenizer token.
+    _, teacher_tokens = heldout_nats(paths["teacher"], paths["eval"])
+    for name, folder in (("Llama student, tokenizer B, SFT *", "llama_b_sft"),
+                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden")):
+        results[name] = heldout_nats(os.path.join(OUTPUT, folder), paths["eval"])[0] / teacher_tokens
     print(f"\nheld-out cross-entropy on the assistant tokens of {demo['eval_rows']} rows (lower is better):\n")
     print("| model | eval CE (nats/token) |\n| --- | --- |")
     for name, value in results.items():
         print(f"| {name} | {value:.4f} |")
+    print("\n* tokenizer B: total nats on the same assistant text divided by its number of teacher-tokenizer tokens")
     gap = results["student, SFT"] - results["student, logit KD"]
     print(f"\nKD minus SFT: {-gap:+.4f} nats/token ({'KD better' if gap > 0 else 'SFT better or equal'})")
-    plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd)},
+    for label, sft_row, hidden_row in (
+        ("Llama student", "Llama student, SFT", "Llama student, hidden-state KD"),
+        ("Llama student, tokenizer B", "Llama student, tokenizer B, SFT *", "Llama student, tokenizer B, hidden-state KD *"),
+    ):
+        gap = results[sft_row] - results[hidden_row]
+        print(f"hidden-state KD minus SFT ({label}): {-gap:+.4f} nats/token "
+              f"({'hidden KD better' if gap > 0 else 'SFT better or equal'})")
+    students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
+    print(f"best student: {min(students, key=students.get)}")
+    plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
+          "Llama hidden KD": eval_curve(llama_hidden)},
          {"teacher": results["teacher (all rows)"]}, os.path.join(OUTPUT, "demo_curves.png"))
     json.dump({"settings": demo, "eval_cross_entropy": results, "seconds": time.time() - start},
               open(os.path.join(OUTPUT, "demo_results.json"), "w"), indent=2)
