@@ -93,6 +93,13 @@ def run_config(name: str, teacher: str, student: str, data: str, eval_data: str,
     return config
 
 
+def five_evaluations(config: dict) -> dict:
+    """Evaluate at 20%, 40%, ... of training instead of every epoch: with a teacher in the loop an evaluation costs
+    about as much as an epoch of training."""
+    config["training"].update(eval_strategy="steps", eval_steps=0.2)
+    return config
+
+
 def heldout_cross_entropy(model_dir: str, eval_path: str, max_length: int = 128) -> float:
     """Per-token cross-entropy of a saved model on the assistant tokens of the held-out rows."""
     total, count = heldout_nats(model_dir, eval_path, max_length)
@@ -202,15 +209,18 @@ def main() -> None:
     llama_setup = dict(student_setup, student=paths["llama_init"])
     print(f"training a Llama-style student {demo['hidden_student']} on the same rows: SFT, then hidden-state KD "
           f"({demo['hidden']})")
-    llama_sft = distil_logits.main(run_config("demo-llama-sft", output_dir=os.path.join(OUTPUT, "llama_sft"), alpha=0.0,
-                                              **llama_setup))
-    llama_hidden = distil_hidden.main(run_config("demo-llama-hidden", output_dir=os.path.join(OUTPUT, "llama_hidden"),
-                                                 script=distil_hidden, **demo["hidden"], **llama_setup))
+    llama_sft = distil_logits.main(five_evaluations(run_config(
+        "demo-llama-sft", output_dir=os.path.join(OUTPUT, "llama_sft"), alpha=0.0, **llama_setup)))
+    llama_hidden = distil_hidden.main(five_evaluations(run_config(
+        "demo-llama-hidden", output_dir=os.path.join(OUTPUT, "llama_hidden"), script=distil_hidden, **demo["hidden"],
+        **llama_setup)))
     b_setup = dict(student_setup, student=paths["llama_b_init"])
     print(f"the same two runs with the Llama student on tokenizer B ({demo['tokenizer_b']})")
-    distil_logits.main(run_config("demo-llama-b-sft", output_dir=os.path.join(OUTPUT, "llama_b_sft"), alpha=0.0, **b_setup))
-    distil_hidden.main(run_config("demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"),
-                                  script=distil_hidden, **demo["hidden"], **b_setup))
+    distil_logits.main(five_evaluations(run_config(
+        "demo-llama-b-sft", output_dir=os.path.join(OUTPUT, "llama_b_sft"), alpha=0.0, **b_setup)))
+    distil_hidden.main(five_evaluations(run_config(
+        "demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"), script=distil_hidden,
+        **demo["hidden"], **b_setup)))
 
     results = {
         "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),

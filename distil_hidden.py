@@ -1,0 +1,465 @@
+"""Hidden-state distillation: a student learns to reproduce a teacher's hidden states (through one trained projection
+per mapped layer pair), mixed with the usual cross-entropy. Teacher and student may differ in architecture, hidden
+size, layer count and tokenizer: with two tokenizers, hidden states are compared only where both tokenizations end a
+token at the same character of a trained span (see README, "Hidden-state distillation").
+
+    python distil_hidden.py                                   # one GPU (or the CPU), the inline `config` below
+    accelerate launch distil_hidden.py                        # several GPUs, DDP
+    accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_hidden.py   # DeepSpeed ZeRO-3
+    python distil_hidden.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
+    python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
+
+Copy this file per experiment and edit `config`. The projections are saved next to the student, in
+output_dir/hidden_projections.safetensors (with the layer map); the student itself is a plain checkpoint.
+"""
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from trl import SFTTrainer
+
+from common import (
+    DIVERGENCES,
+    HIDDEN_LOSSES,
+    PROJECTIONS_FILE,
+    ConfigError,
+    PairedCollator,
+    add_hidden_layers_forward,
+    add_projected_hidden_forward,
+    apply_spectrum,
+    build_projections,
+    build_sft_config,
+    causal_lm_loss,
+    check_chat_templates,
+    check_dataset_path,
+    check_finite_losses,
+    check_layer_map_format,
+    check_output_dir,
+    load_causal_lm,
+    load_projections,
+    load_tokenizer,
+    logit_distillation_loss,
+    model_shape,
+    output_vocab_size,
+    prepare_datasets,
+    prepare_paired_datasets,
+    print_rank0,
+    projection_key,
+    read_spectrum_patterns,
+    resolve_layer_map,
+    resolve_resume_checkpoint,
+    run_cli,
+    save_projections,
+)
+
+config = {
+    "project_name": "distil-hidden",  # a label written into the saved config
+    # --- data ---
+    "dataset": {
+        "name": "mlabonne/FineTome-100k",  # Hub id, or a local .json/.jsonl/.parquet file or save_to_disk folder
+        "split": "train",  # split to read from a Hub dataset
+        "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
+        "num_samples": None,  # keep only this many rows after shuffling (None: all)
+        "eval_size": 500,  # held-out rows (int) or fraction (float < 1) for evaluation; 0 disables evaluation
+        "eval_name": None,  # a separate held-out dataset (file or Hub id) instead of splitting eval_size rows off
+        "eval_split": "train",  # split of eval_name to read
+        "seed": 42,  # shuffling and eval-split seed
+        "system_prompt": None,  # system message prepended to conversations that have none (None: no system turn)
+    },
+    # --- models ---
+    "models": {
+        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; any causal LM whose tokenizer gives char offsets
+        "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder
+    },
+    "tokenizer": {
+        "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
+        "student_chat_template": None,  # Jinja template for the student's rendering (None: its tokenizer's own)
+        "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
+    },
+    "model_config": {
+        "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
+    },
+    # --- distillation ---
+    "distillation": {
+        "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
+        "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
+        "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
+        "kd_weight": 0.0,  # weight of a logit-KD term; needs a shared tokenizer and chat template; 0 turns it off
+        "temperature": 2.0,  # logit-KD term only: softens both distributions; the divergence is multiplied by T^2
+        "divergence": "forward_kl",  # logit-KD term only: forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | ...
+    },
+    "spectrum": {
+        "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything
+    },
+    # --- training: any TRL SFTConfig / transformers TrainingArguments field ---
+    "training": {
+        "output_dir": "./results",  # checkpoints, the final student, its tokenizer, projections, distillation_config.json
+        "num_train_epochs": 3,  # passes over the training rows
+        "per_device_train_batch_size": 1,  # rows per device per micro-step
+        "gradient_accumulation_steps": 8,  # micro-steps per optimizer step
+        "learning_rate": 2e-5,  # peak learning rate (student and projections)
+        "weight_decay": 0.05,  # AdamW weight decay
+        "warmup_ratio": 0.1,  # fraction of steps spent warming up (mapped to transformers 5's warmup_steps)
+        "lr_scheduler_type": "cosine",  # learning-rate schedule after warm-up
+        "bf16": True,  # bf16 weights and autocast on the GPU (ignored on the CPU)
+        "packing": False,  # pack rows (TRL best-fit, padding-free); only with a shared tokenizer and template
+        "activation_checkpointing": True,  # recompute activations in backward to save memory
+        "logging_steps": 1,  # log hidden_loss, ce_loss, kd_loss and loss every this many optimizer steps
+        "eval_strategy": "steps",  # evaluate every eval_steps (when dataset.eval_size > 0)
+        "eval_steps": 500,  # optimizer steps between evaluations
+        "save_steps": 500,  # optimizer steps between checkpoints
+        "save_total_limit": 2,  # keep only the newest checkpoints
+        "seed": 42,  # model init, projection init and data order seed
+        "resume_from_checkpoint": None,  # True (latest checkpoint in output_dir) or a checkpoint path
+        "overwrite_output_dir": False,  # allow training into an output_dir that holds a finished run
+    },
+}
+
+PROJECTIONS_ATTRIBUTE = "hidden_projections"  # the student's submodule holding the projections during training
+PAIRED_KEYS = ("teacher_input_ids", "teacher_attention_mask", "student_positions", "teacher_positions")
+
+
+def validate(config: dict) -> None:
+    """Check the distillation settings once, before anything is loaded or written. Layer numbers are checked against
+    the models in main, from their configs, still before anything is loaded."""
+    distillation = config["distillation"]
+    if not 0 <= distillation["alpha"] <= 1:
+        raise ConfigError(f"distillation.alpha must be in [0, 1], got {distillation['alpha']} (0: no hidden loss, 1: no CE).")
+    if not isinstance(distillation["kd_weight"], (int, float)) or distillation["kd_weight"] < 0:
+        raise ConfigError(f"distillation.kd_weight must be >= 0, got {distillation['kd_weight']} (0 turns the logit term off).")
+    if distillation["loss"] not in HIDDEN_LOSSES:
+        raise ConfigError(f"unknown hidden-state loss '{distillation['loss']}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
+    if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
+        raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
+    if distillation["divergence"] not in DIVERGENCES:
+        raise ConfigError(f"unknown divergence '{distillation['divergence']}'; choose one of {', '.join(DIVERGENCES)}.")
+    check_layer_map_format(distillation["layer_map"])
+    if config["tokenizer"]["max_length"] < 2:
+        raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
+    for key in ("name", "eval_name"):
+        if config["dataset"][key]:
+            check_dataset_path(config["dataset"][key])
+    check_output_dir(config)
+
+
+def hidden_state_loss(
+    student_projected: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    loss: str = "mse",
+    num_positions: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hidden-state loss over L mapped layer pairs and the aligned positions:
+
+        H = 1 / (N * L) * sum_l sum_k d(P_l(s_l,k), t_l,k)
+
+    student_projected[l]: the student's states of pair l at the aligned positions after the pair's projection P_l,
+    shape (n, d_t); teacher_hidden[l]: the teacher's states of pair l at the same positions, (n, d_t). d is the mean
+    over the d_t units of the squared difference (mse), or 1 - cosine similarity (cosine). N is `num_positions` (the
+    aligned positions of the whole optimizer step, so that gradient accumulation matches one big batch) or, when
+    None, n. Computed in float32.
+    """
+    total = student_projected[0].new_zeros((), dtype=torch.float32)
+    for projected, target in zip(student_projected, teacher_hidden):
+        projected, target = projected.float(), target.to(projected.device).float()
+        if loss == "mse":
+            total = total + (projected - target).pow(2).mean(-1).sum()
+        elif loss == "cosine":
+            total = total + (1 - F.cosine_similarity(projected, target, dim=-1)).sum()
+        else:
+            raise ConfigError(f"unknown hidden-state loss '{loss}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
+    count = student_projected[0].shape[0] if num_positions is None else num_positions
+    return total / (torch.as_tensor(count, device=total.device).clamp(min=1) * len(student_projected))
+
+
+class HiddenStatesTrainer(SFTTrainer):
+    """SFTTrainer whose loss is alpha * hidden + (1 - alpha) * CE + kd_weight * KD.
+
+    The projections are a submodule of the student while it trains and run inside its forward (patched by
+    common.add_projected_hidden_forward), so the optimizer, DDP and DeepSpeed treat them as weights; they are left
+    out of every saved student checkpoint and saved beside it in hidden_projections.safetensors, from which a resumed
+    run restores them. With a shared tokenizer the teacher reads the student's batch; otherwise it reads its own
+    tokenization (teacher_input_ids) and states are compared at each row's aligned positions.
+    """
+
+    # compute_loss normalises by the whole optimizer step's token and aligned-position counts itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher=None, projections=None, layer_pairs=(), shared_tokenizer: bool,
+                 distillation: dict, vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation = distillation
+        self.vocab_size = vocab_size
+        self.shared_tokenizer = shared_tokenizer
+        self.projections = projections
+        self.layer_pairs = list(layer_pairs)
+        # Only the mapped layers are recorded (the others come back as None): no model keeps every layer's states.
+        self.teacher_layers = sorted({teacher_layer for _, teacher_layer in self.layer_pairs})
+        self._hidden_items_in_step = None
+        self._loss_part_sums = {}
+        if self.layer_pairs:
+            add_projected_hidden_forward(self.model, PROJECTIONS_ATTRIBUTE)
+        self.teacher = None
+        if teacher is not None:
+            add_hidden_layers_forward(teacher)  # before any wrapping, so the engines call the patched forward
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                # Same ZeRO stage as the student: under ZeRO-3 each process holds only the teacher's shard.
+                self.teacher = prepare_deepspeed(teacher, self.accelerator)
+            elif self.is_fsdp_enabled:
+                from trl.models import prepare_fsdp
+
+                self.teacher = prepare_fsdp(teacher, self.accelerator)
+            else:
+                self.teacher = teacher.to(self.accelerator.device)
+
+    def aligned_positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, student position, teacher position) of every compared position: the collator's alignment, or, with a
+        shared tokenizer, every position whose next token is trained (the positions the CE loss counts)."""
+        if "student_positions" in inputs:
+            valid = inputs["student_positions"] >= 0
+            return valid.nonzero(as_tuple=True)[0], inputs["student_positions"][valid], inputs["teacher_positions"][valid]
+        rows, positions = (inputs["labels"][:, 1:] != -100).nonzero(as_tuple=True)
+        return rows, positions, positions
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The Trainer counts the labels of the optimizer step (num_items_in_batch); count the aligned positions too.
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = torch.tensor(sum(self.aligned_positions(batch)[0].numel() for batch in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        self._hidden_items_in_step = count
+        return batch_samples, num_items_in_batch
+
+    def teacher_forward(self, inputs: dict, student_inputs: dict):
+        """The teacher's hidden states (a tuple indexed by layer, only the mapped layers filled) and, for the logit
+        term, its logits. Without the logit term only the backbone runs: no (batch, seq, vocab) logits."""
+        if self.shared_tokenizer:
+            teacher_inputs = dict(student_inputs)
+        else:
+            teacher_inputs = {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"],
+                              "use_cache": False}
+        with torch.no_grad():
+            if self.distillation["kd_weight"] > 0:
+                outputs = self.teacher(**teacher_inputs, output_hidden_states=self.teacher_layers or False)
+                return outputs.hidden_states, outputs.logits
+            return self.teacher(**teacher_inputs, hidden_layers=self.teacher_layers), None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
+        rows, student_positions, teacher_positions = self.aligned_positions(inputs)
+        student_inputs = {key: value for key, value in inputs.items() if key not in PAIRED_KEYS and key != "labels"}
+        student_inputs["use_cache"] = False
+        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        if num_items_in_batch is None:
+            # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
+            num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
+        hidden_items = self._hidden_items_in_step if mode == "train" else None
+        if hidden_items is None:
+            hidden_items = rows.numel() * steps
+        teacher_hidden = teacher_logits = None
+        if self.teacher is not None:
+            teacher_hidden, teacher_logits = self.teacher_forward(inputs, student_inputs)
+        if self.layer_pairs:
+            project = {"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions}
+            outputs = model(**student_inputs, project_hidden=project)
+            hidden_loss = hidden_state_loss(
+                outputs["projected_hidden"],
+                [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
+                loss=self.distillation["loss"], num_positions=hidden_items,
+            )
+        else:
+            outputs = model(**student_inputs)
+            hidden_loss = None
+        del teacher_hidden
+        ce_loss = causal_lm_loss(outputs["logits"], labels, num_items_in_batch)
+        hidden_loss = torch.zeros_like(ce_loss) if hidden_loss is None else hidden_loss
+        kd_loss = torch.zeros_like(ce_loss)
+        if teacher_logits is not None:
+            kd_loss = logit_distillation_loss(
+                outputs["logits"], teacher_logits, labels, divergence=self.distillation["divergence"],
+                temperature=self.distillation["temperature"], vocab_size=self.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+        alpha = self.distillation["alpha"]
+        loss = alpha * hidden_loss + (1 - alpha) * ce_loss + self.distillation["kd_weight"] * kd_loss
+        ce_count = (labels[:, 1:] != -100).sum()
+        self._log_loss_parts(mode, hidden_loss=(hidden_loss, hidden_items, rows.numel()),
+                             ce_loss=(ce_loss, num_items_in_batch, ce_count), kd_loss=(kd_loss, num_items_in_batch, ce_count))
+        # DDP averages gradients over processes while the normalisers count every process's tokens and positions.
+        if mode == "train" and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_loss_parts(self, mode: str, **parts) -> None:
+        """parts: name -> (value, normaliser, count), where value * normaliser is this micro-batch's sum over its
+        `count` items (tokens for CE and KD, aligned positions for the hidden loss). Logged values are exact means over
+        the logging interval, whatever the batch split."""
+        sums = self._loss_part_sums.setdefault(mode, {})
+        gathered = {}
+        for name, (value, normaliser, count) in parts.items():
+            local = torch.stack([value.detach().float() * normaliser, torch.as_tensor(count, device=value.device).float()])
+            total, items = self.accelerator.gather_for_metrics(local.reshape(1, 2)).sum(0).tolist()
+            previous_total, previous_items = sums.get(name, (0.0, 0.0))
+            sums[name] = (previous_total + total, previous_items + items)
+            gathered[name] = total
+        # Every process sees the same gathered sums, so all of them stop together, before the optimizer step.
+        check_finite_losses(gathered, self.state.global_step + 1, self.args.output_dir, mode)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = self._loss_part_sums.pop(mode, None)
+        if sums:
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{name}": total / max(items, 1) for name, (total, items) in sums.items()})
+        super().log(logs, start_time)
+
+    # --- saving and resuming: the student checkpoint stays plain, the projections get their own file ---
+
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.projections is None:
+            return super()._save(output_dir, state_dict)
+        prefix = PROJECTIONS_ATTRIBUTE + "."
+        if state_dict is None:
+            tensors = self.projections.state_dict()
+            submodules = self.model._modules
+            projections = submodules.pop(PROJECTIONS_ATTRIBUTE)  # saved without it, then put back
+            try:
+                super()._save(output_dir, None)
+            finally:
+                submodules[PROJECTIONS_ATTRIBUTE] = projections
+        else:  # DeepSpeed / FSDP hand over a gathered state dict
+            tensors = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            super()._save(output_dir, {key: value for key, value in state_dict.items() if not key.startswith(prefix)})
+        if self.args.should_save:
+            save_projections(tensors, self.layer_pairs, output_dir)
+
+    def load_projections(self, folder: str) -> None:
+        """Restore the projections from folder/hidden_projections.safetensors (a checkpoint or a finished run)."""
+        tensors, layer_pairs = load_projections(folder)
+        if layer_pairs != self.layer_pairs:
+            raise ConfigError(f"'{folder}' holds projections for the layer map {layer_pairs}, but this run maps "
+                              f"{self.layer_pairs}. Resume with the same distillation.layer_map.")
+        self.projections.load_state_dict(tensors)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projections is not None:
+            self.load_projections(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.projections is not None and not self.is_deepspeed_enabled:
+            self.load_projections(self.state.best_model_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # The student checkpoint has no projections by design; they are loaded from their own file.
+        missing = [key for key in load_result.missing_keys if not key.startswith(PROJECTIONS_ATTRIBUTE + ".")]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def tokenizers_shared(teacher_tokenizer, student_tokenizer) -> bool:
+    """Same vocabulary (every token at the same id) and the same chat template: the teacher can read the student's
+    token ids, and positions correspond one to one."""
+    return (teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+            and teacher_tokenizer.chat_template == student_tokenizer.chat_template)
+
+
+def main(config: dict) -> HiddenStatesTrainer:
+    """Validate, load, train, save. Returns the trainer (its state holds the logged hidden_loss, ce_loss, kd_loss)."""
+    validate(config)
+    distillation, training, models = config["distillation"], config["training"], config["models"]
+    patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
+    use_teacher = distillation["alpha"] > 0 or distillation["kd_weight"] > 0
+
+    # Layer numbers against the models' configs, then tokenizers and data: all before any weights load.
+    student_layers, student_hidden_size = model_shape(models["student"])
+    layer_pairs = []
+    if use_teacher:
+        teacher_layers, teacher_hidden_size = model_shape(models["teacher"])
+        if distillation["alpha"] > 0:
+            layer_pairs = resolve_layer_map(distillation["layer_map"], student_layers, teacher_layers)
+            print_rank0(f"layer map (student block, teacher block): {layer_pairs}")
+    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["student_chat_template"])
+    tokenizers = {"student": tokenizer}
+    if use_teacher:
+        tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])
+    shared = not use_teacher or tokenizers_shared(tokenizers["teacher"], tokenizer)
+    if distillation["kd_weight"] > 0 and not shared:
+        raise ConfigError(
+            "distillation.kd_weight > 0 needs teacher and student to share a tokenizer and a chat template (the logit "
+            "term compares next-token distributions position by position), but theirs differ. Set kd_weight: 0."
+        )
+    if not shared and (training.get("packing") or training.get("padding_free")):
+        raise ConfigError(
+            "training.packing / padding_free is not supported when teacher and student tokenize differently: each "
+            "row carries the teacher's tokens and an alignment that packing would drop. Set packing: false."
+        )
+    check_chat_templates(config["dataset"], tokenizers)
+    max_length = config["tokenizer"]["max_length"]
+    if shared:
+        print_rank0("tokenizers: shared; hidden states compared position by position")
+        train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, max_length)
+    else:
+        print_rank0("tokenizers or chat templates differ; hidden states compared at aligned character offsets")
+        train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, tokenizers["teacher"], max_length)
+
+    student = load_causal_lm(models["student"], config)
+    teacher = load_causal_lm(models["teacher"], config, trainable=False) if use_teacher else None
+    vocab_size = len(tokenizer)
+    if distillation["kd_weight"] > 0 and output_vocab_size(teacher) < vocab_size:
+        raise ConfigError(f"the teacher's output head has {output_vocab_size(teacher)} rows, fewer than the {vocab_size} "
+                          "tokens of the shared tokenizer. Use the tokenizer that was trained with the model.")
+    if patterns:
+        apply_spectrum(student, patterns)
+    projections = None
+    if layer_pairs:
+        projections = build_projections(layer_pairs, student_hidden_size, teacher_hidden_size, dtype=student.dtype,
+                                        seed=training.get("seed", 42))
+        # A submodule of the student, so the optimizer, DDP and DeepSpeed treat it as trained weights (after Spectrum,
+        # which would freeze it). HiddenStatesTrainer._save keeps it out of the saved student.
+        setattr(student, PROJECTIONS_ATTRIBUTE, projections)
+        print_rank0(f"projections: {len(layer_pairs)} x ({student_hidden_size} -> {teacher_hidden_size}), "
+                    f"{sum(p.numel() for p in projections.parameters()):,} parameters")
+
+    args = build_sft_config(
+        config,
+        max_length=max_length,
+        eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no",
+        remove_unused_columns=False,  # the teacher's columns and the alignment must reach compute_loss
+    )
+    trainer = HiddenStatesTrainer(
+        model=student,
+        teacher=teacher,
+        projections=projections,
+        layer_pairs=layer_pairs,
+        shared_tokenizer=shared,
+        distillation=distillation,
+        vocab_size=vocab_size,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=None if shared else PairedCollator(tokenizer.pad_token_id, tokenizers["teacher"].pad_token_id),
+    )
+    print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
+    trainer.save_state()  # trainer_state.json: the logged losses, for comparing runs
+
+    output_dir = training["output_dir"]
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
+            json.dump(config, handle, indent=2, default=str)
+    saved = f"its tokenizer, {PROJECTIONS_FILE}" if projections is not None else "its tokenizer"
+    print_rank0(f"saved the student, {saved} and distillation_config.json to {output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main, config)
