@@ -942,15 +942,19 @@ def _full_head_tensors(head: torch.nn.Module | None) -> tuple[torch.Tensor | Non
     return weight, bias
 
 
-def add_distillation_forward(model: torch.nn.Module) -> None:
-    """Let `model(..., distillation={...})` run the backbone and the chunked loss instead of building logits.
+def add_distillation_forward(model: torch.nn.Module, projections_attribute: str | None = None) -> None:
+    """Let `model(..., distillation={...})` run the backbone and the chunked loss instead of building logits, and
+    `model(..., project_hidden={...})` also return projected intermediate states (distil_hidden.py).
 
-    The loss runs inside the model's forward on purpose: DDP and DeepSpeed hook the forward (gradient sync,
-    ZeRO-3 parameter gathering), and a loss computed outside it on the raw head weight would bypass them. Without
-    the `distillation` argument the forward is the original one, so generation and saving are unchanged.
+    The loss and the projections run inside the model's forward on purpose: DDP and DeepSpeed hook the forward
+    (gradient sync, ZeRO-3 parameter gathering), and a loss computed outside it on the raw head weight would bypass
+    them. Without these arguments the forward is the original one, so generation and saving are unchanged.
 
     `distillation` holds: labels (batch, seq), teacher_hidden (N, Ht) at the counted positions or None,
-    teacher_head (module) or None, and the keyword arguments of `chunked_distillation_loss`.
+    teacher_head (module) or None, and the keyword arguments of `chunked_distillation_loss`; the result then has
+    loss, kd_loss and ce_loss. `project_hidden` holds layer_pairs [(student_layer, teacher_layer)], rows and positions:
+    the result then has projected_hidden, for each pair the student's states at (rows, positions) passed through
+    the pair's projection in the ModuleDict `model.<projections_attribute>`. Only the mapped layers are recorded.
     """
     import types
 
@@ -959,24 +963,34 @@ def add_distillation_forward(model: torch.nn.Module) -> None:
     original_forward = model.forward
     transform = head_transform(model)
 
-    def forward(self, *args, distillation: dict | None = None, **kwargs):
-        if distillation is None:
+    def forward(self, *args, distillation: dict | None = None, project_hidden: dict | None = None, **kwargs):
+        if distillation is None and project_hidden is None:
             return original_forward(*args, **kwargs)
-        options = dict(distillation)
-        labels = options.pop("labels")
-        teacher_hidden, teacher_head = options.pop("teacher_hidden"), options.pop("teacher_head")
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        mask = labels[:, 1:] != -100
-        head = self.get_output_embeddings()
-        teacher_params = () if teacher_head is None else (teacher_head.weight, getattr(teacher_head, "bias", None))
-        # Under ZeRO-3 the heads are partitioned; gather them for the loss only, once per step.
-        with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None), *teacher_params):
-            loss, kd_loss, ce_loss = chunked_distillation_loss(
-                hidden[:, :-1][mask], head, teacher_hidden, teacher_head, labels[:, 1:][mask],
-                student_transform=transform, **options,
-            )
-        return {"loss": loss, "kd_loss": kd_loss, "ce_loss": ce_loss}
+        if project_hidden is not None:
+            kwargs["output_hidden_states"] = sorted({student_layer for student_layer, _ in project_hidden["layer_pairs"]})
+        outputs = self.base_model(*args, **kwargs)
+        result = {}
+        if project_hidden is not None:
+            projections = getattr(self, projections_attribute)
+            rows, positions = project_hidden["rows"], project_hidden["positions"]
+            result["projected_hidden"] = [projections[projection_key(s, t)](outputs.hidden_states[s][rows, positions])
+                                          for s, t in project_hidden["layer_pairs"]]
+        if distillation is not None:
+            options = dict(distillation)
+            labels = options.pop("labels")
+            teacher_hidden, teacher_head = options.pop("teacher_hidden"), options.pop("teacher_head")
+            mask = labels[:, 1:] != -100
+            head = self.get_output_embeddings()
+            teacher_params = () if teacher_head is None else (teacher_head.weight, getattr(teacher_head, "bias", None))
+            # Under ZeRO-3 the heads are partitioned; gather them for the loss only.
+            with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None), *teacher_params):
+                loss, kd_loss, ce_loss = chunked_distillation_loss(
+                    outputs.last_hidden_state[:, :-1][mask], head, teacher_hidden, teacher_head, labels[:, 1:][mask],
+                    student_transform=transform, **options,
+                )
+            result.update(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss)
+        return result
 
     model.forward = types.MethodType(forward, model)
 
@@ -1684,31 +1698,6 @@ def add_hidden_layers_forward(model: torch.nn.Module) -> None:
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         return self.base_model(*args, output_hidden_states=list(hidden_layers), **kwargs).hidden_states
-
-    model.forward = types.MethodType(forward, model)
-
-
-def add_projected_hidden_forward(model: torch.nn.Module, attribute: str = "hidden_projections") -> None:
-    """Let `model(..., project_hidden={"layer_pairs", "rows", "positions"})` return {"logits", "projected_hidden"}:
-    the logits, and for each (student_layer, teacher_layer) pair the student's states at (rows, positions) passed
-    through that pair's projection (the ModuleDict `model.<attribute>`), shape (N, teacher hidden size).
-
-    The projections run inside the model's forward on purpose: DDP and DeepSpeed hook the forward (gradient sync,
-    ZeRO-3 parameter gathering). Only the mapped layers are recorded. Without `project_hidden` the forward is the
-    original one, so generation and saving are unchanged.
-    """
-    import types
-
-    original_forward = model.forward
-
-    def forward(self, *args, project_hidden: dict | None = None, **kwargs):
-        if project_hidden is None:
-            return original_forward(*args, **kwargs)
-        pairs, rows, positions = project_hidden["layer_pairs"], project_hidden["rows"], project_hidden["positions"]
-        outputs = original_forward(*args, output_hidden_states=sorted({s for s, _ in pairs}), **kwargs)
-        projections = getattr(self, attribute)
-        projected = [projections[projection_key(s, t)](outputs.hidden_states[s][rows, positions]) for s, t in pairs]
-        return {"logits": outputs.logits, "projected_hidden": projected}
 
     model.forward = types.MethodType(forward, model)
 

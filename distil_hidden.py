@@ -27,11 +27,11 @@ from common import (
     ConfigError,
     PairedCollator,
     add_hidden_layers_forward,
-    add_projected_hidden_forward,
+    add_distillation_forward,
     apply_spectrum,
     build_projections,
     build_sft_config,
-    causal_lm_loss,
+    head_transform,
     check_chat_templates,
     check_dataset_path,
     check_finite_losses,
@@ -40,7 +40,6 @@ from common import (
     load_causal_lm,
     load_projections,
     load_tokenizer,
-    logit_distillation_loss,
     model_shape,
     output_vocab_size,
     prepare_datasets,
@@ -89,6 +88,7 @@ config = {
         "kd_weight": 0.0,  # weight of a logit-KD term; needs a shared tokenizer and chat template; 0 turns it off
         "temperature": 2.0,  # logit-KD term only: softens both distributions; the divergence is multiplied by T^2
         "divergence": "forward_kl",  # logit-KD term only: forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | ...
+        "loss_memory_mb": 1024,  # memory for the chunked CE/KD loss's temporaries; sets its tokens per chunk
     },
     "spectrum": {
         "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything
@@ -177,7 +177,7 @@ class HiddenStatesTrainer(SFTTrainer):
     """SFTTrainer whose loss is alpha * hidden + (1 - alpha) * CE + kd_weight * KD.
 
     The projections are a submodule of the student while it trains and run inside its forward (patched by
-    common.add_projected_hidden_forward), so the optimizer, DDP and DeepSpeed treat them as weights; they are left
+    common.add_distillation_forward), so the optimizer, DDP and DeepSpeed treat them as weights; they are left
     out of every saved student checkpoint and saved beside it in hidden_projections.safetensors, from which a resumed
     run restores them. With a shared tokenizer the teacher reads the student's batch; otherwise it reads its own
     tokenization (teacher_input_ids) and states are compared at each row's aligned positions.
@@ -198,9 +198,11 @@ class HiddenStatesTrainer(SFTTrainer):
         self.teacher_layers = sorted({teacher_layer for _, teacher_layer in self.layer_pairs})
         self._hidden_items_in_step = None
         self._loss_part_sums = {}
-        if self.layer_pairs:
-            add_projected_hidden_forward(self.model, PROJECTIONS_ATTRIBUTE)
+        # The student's forward computes the projections and the chunked CE (and KD) loss itself: no full logits.
+        add_distillation_forward(self.model, PROJECTIONS_ATTRIBUTE)
         self.teacher = None
+        self._teacher_module = teacher
+        self._teacher_transform = head_transform(teacher) if teacher is not None else (1.0, None)
         if teacher is not None:
             add_hidden_layers_forward(teacher)  # before any wrapping, so the engines call the patched forward
             if self.is_deepspeed_enabled:
@@ -243,8 +245,12 @@ class HiddenStatesTrainer(SFTTrainer):
                               "use_cache": False}
         with torch.no_grad():
             if self.distillation["kd_weight"] > 0:
-                outputs = self.teacher(**teacher_inputs, output_hidden_states=self.teacher_layers or False)
-                return outputs.hidden_states, outputs.logits
+                # The logit term needs the final hidden state at the counted positions; the logits themselves are
+                # built chunk by chunk inside the student's loss, never as a (batch, seq, vocab) tensor.
+                last = self._teacher_module.config.get_text_config().num_hidden_layers
+                hidden = self.teacher(**teacher_inputs, hidden_layers=sorted(set(self.teacher_layers) | {last}))
+                final = hidden[last][:, :-1][inputs["labels"][:, 1:] != -100]
+                return hidden, final
             return self.teacher(**teacher_inputs, hidden_layers=self.teacher_layers), None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -260,32 +266,36 @@ class HiddenStatesTrainer(SFTTrainer):
         hidden_items = self._hidden_items_in_step if mode == "train" else None
         if hidden_items is None:
             hidden_items = rows.numel() * steps
-        teacher_hidden = teacher_logits = None
+        teacher_hidden = teacher_final = None
         if self.teacher is not None:
-            teacher_hidden, teacher_logits = self.teacher_forward(inputs, student_inputs)
+            teacher_hidden, teacher_final = self.teacher_forward(inputs, student_inputs)
+        alpha = self.distillation["alpha"]
+        project = {"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions} if self.layer_pairs else None
+        outputs = model(**student_inputs, project_hidden=project, distillation={
+            "labels": labels,
+            "teacher_hidden": teacher_final,
+            "teacher_head": None if teacher_final is None else self._teacher_module.get_output_embeddings(),
+            "teacher_transform": self._teacher_transform,
+            "kd_weight": self.distillation["kd_weight"],
+            "ce_weight": 1 - alpha,
+            "num_items_in_batch": num_items_in_batch,
+            "divergence": self.distillation["divergence"],
+            "temperature": self.distillation["temperature"],
+            "vocab_size": self.vocab_size,
+            "memory_budget_mb": self.distillation["loss_memory_mb"],
+        })
+        hidden_loss = None
         if self.layer_pairs:
-            project = {"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions}
-            outputs = model(**student_inputs, project_hidden=project)
             hidden_loss = hidden_state_loss(
                 outputs["projected_hidden"],
                 [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
                 loss=self.distillation["loss"], num_positions=hidden_items,
             )
-        else:
-            outputs = model(**student_inputs)
-            hidden_loss = None
         del teacher_hidden
-        ce_loss = causal_lm_loss(outputs["logits"], labels, num_items_in_batch)
+        ce_loss, kd_loss = outputs["ce_loss"], outputs["kd_loss"]
         hidden_loss = torch.zeros_like(ce_loss) if hidden_loss is None else hidden_loss
-        kd_loss = torch.zeros_like(ce_loss)
-        if teacher_logits is not None:
-            kd_loss = logit_distillation_loss(
-                outputs["logits"], teacher_logits, labels, divergence=self.distillation["divergence"],
-                temperature=self.distillation["temperature"], vocab_size=self.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
-        alpha = self.distillation["alpha"]
-        loss = alpha * hidden_loss + (1 - alpha) * ce_loss + self.distillation["kd_weight"] * kd_loss
+        # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
+        loss = alpha * hidden_loss + outputs["loss"]
         ce_count = (labels[:, 1:] != -100).sum()
         self._log_loss_parts(mode, hidden_loss=(hidden_loss, hidden_items, rows.numel()),
                              ce_loss=(ce_loss, num_items_in_batch, ce_count), kd_loss=(kd_loss, num_items_in_batch, ce_count))

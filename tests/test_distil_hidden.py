@@ -368,6 +368,24 @@ def test_shared_tokenizer_with_logit_term(assets, hidden_assets, tmp_path):
     assert any(log.get("eval_kd_loss", 0) > 0 for log in trainer.state.log_history)
 
 
+def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_path, monkeypatch):
+    """CE and the logit-KD term come from the chunked loss: neither model's output head is ever called."""
+    calls = []
+    original = distil_hidden.load_causal_lm
+
+    def load_and_watch(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+        return model
+
+    monkeypatch.setattr(distil_hidden, "load_causal_lm", load_and_watch)
+    config = hidden_config(assets, hidden_assets, str(tmp_path / "out"), student="student_a", kd_weight=0.5,
+                           alpha=0.3, layer_map=[[2, 3]])
+    trainer = distil_hidden.main(config)
+    assert any(log.get("kd_loss", 0) > 0 for log in trainer.state.log_history)
+    assert calls == []
+
+
 def test_zero3_two_processes_match_one(assets, hidden_assets, tmp_path):
     """DeepSpeed ZeRO-3 partitions the student, its projections and the teacher over 2 processes (2 x batch 2 x 2
     accumulated = the reference's batch 2 x 4): the same losses, student and projections, saved consolidated."""
