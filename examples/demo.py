@@ -48,9 +48,10 @@ demo = {
     "eval_rows": 400,  # held-out rows, same for every model
     "student_rows": 300,  # the limited subset every student learns from
     "vocab_size": 512,  # BPE tokenizer size
-    "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "epochs": 3},
+    "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "epochs": 2},
     "student": {"hidden_size": 64, "num_hidden_layers": 2, "epochs": 20},
     "kd": {"alpha": 0.9, "temperature": 1.0, "divergence": "forward_kl"},
+    "offline_top_k": 64,  # offline KD: the same student and settings, taught from a capture of the teacher's top-k
     # hidden-state distillation: a Llama-style student, trained for as many epochs on the same student_rows
     "hidden_student": {"hidden_size": 48, "num_hidden_layers": 3},
     "hidden": {"alpha": 0.5, "loss": "mse", "layer_map": "uniform"},
@@ -87,7 +88,7 @@ def run_config(name: str, teacher: str, student: str, data: str, eval_data: str,
     config["training"].update(
         output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, learning_rate=learning_rate, weight_decay=0.0, warmup_ratio=0.05,
-        activation_checkpointing=False, logging_steps=10, eval_strategy="epoch", save_strategy="no",
+        activation_checkpointing=False, logging_steps=10, eval_strategy="steps", eval_steps=0.1, save_strategy="no",
         overwrite_output_dir=True, disable_tqdm=True, dataloader_num_workers=0,
     )
     return config
@@ -158,8 +159,10 @@ def build(rebuild: bool) -> dict:
                                        ("llama_b_init", paths["tokenizer_b"], demo["tokenizer_b"]["vocab_size"])):
         model_folder(paths[name], tokenizer_dir, vocab=vocab, seed=3, kind="llama", **demo["hidden_student"])
     print("training the teacher on all training rows (plain SFT, alpha = 0)")
-    distil_logits.main(run_config("demo-teacher", teacher_init, teacher_init, paths["train"], paths["eval"],
-                                  demo["train_rows"], demo["teacher"]["epochs"], 32, 3e-3, paths["teacher"], alpha=0.0))
+    teacher_config = run_config("demo-teacher", teacher_init, teacher_init, paths["train"], paths["eval"],
+                                demo["train_rows"], demo["teacher"]["epochs"], 32, 3e-3, paths["teacher"], alpha=0.0)
+    teacher_config["training"]["eval_strategy"] = "no"  # measured once, after training
+    timed(distil_logits.main)(teacher_config)
     json.dump(demo, open(done, "w"))
     print(f"built data, tokenizer and teacher in {time.time() - start:.0f} s")
     return paths
@@ -188,6 +191,19 @@ def plot(curves: dict, lines: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+PHASE_SECONDS: dict[str, float] = {}
+
+
+def timed(function):
+    """Wrap a script's main so that the demo can report where its time goes."""
+    def run(config: dict):
+        start = time.time()
+        result = function(config)
+        PHASE_SECONDS[config["project_name"] + (f" ({config['offline']['mode']})" if config.get("offline", {}).get("mode") else "")] = time.time() - start
+        return result
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
@@ -200,25 +216,34 @@ def main() -> None:
     os.makedirs(OUTPUT, exist_ok=True)
     student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
                          eval_data=paths["eval"], rows=demo["student_rows"], epochs=demo["student"]["epochs"],
-                         batch=16, learning_rate=5e-3)
+                         batch=32, learning_rate=7e-3)
     print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
-    sft = distil_logits.main(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
+    sft = timed(distil_logits.main)(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
     print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
-    kd = distil_logits.main(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
+    kd = timed(distil_logits.main)(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
+    print(f"capturing the teacher's top-{demo['offline_top_k']} once, then training the same KD student from it")
+    capture_dir = os.path.join(OUTPUT, "capture")
+    shutil.rmtree(capture_dir, ignore_errors=True)
+    offline_config = run_config("demo-kd-offline", output_dir=os.path.join(OUTPUT, "kd_offline"), **demo["kd"],
+                                **student_setup)
+    offline_config["offline"].update(mode="capture", capture_dir=capture_dir, top_k=demo["offline_top_k"])
+    manifest = timed(distil_logits.main)(offline_config)
+    offline_config["offline"]["mode"] = "train"
+    kd_offline = timed(distil_logits.main)(offline_config)
 
     llama_setup = dict(student_setup, student=paths["llama_init"])
     print(f"training a Llama-style student {demo['hidden_student']} on the same rows: SFT, then hidden-state KD "
           f"({demo['hidden']})")
-    llama_sft = distil_logits.main(five_evaluations(run_config(
+    llama_sft = timed(distil_logits.main)(five_evaluations(run_config(
         "demo-llama-sft", output_dir=os.path.join(OUTPUT, "llama_sft"), alpha=0.0, **llama_setup)))
-    llama_hidden = distil_hidden.main(five_evaluations(run_config(
+    llama_hidden = timed(distil_hidden.main)(five_evaluations(run_config(
         "demo-llama-hidden", output_dir=os.path.join(OUTPUT, "llama_hidden"), script=distil_hidden, **demo["hidden"],
         **llama_setup)))
     b_setup = dict(student_setup, student=paths["llama_b_init"])
     print(f"the same two runs with the Llama student on tokenizer B ({demo['tokenizer_b']})")
-    distil_logits.main(five_evaluations(run_config(
+    timed(distil_logits.main)(five_evaluations(run_config(
         "demo-llama-b-sft", output_dir=os.path.join(OUTPUT, "llama_b_sft"), alpha=0.0, **b_setup)))
-    distil_hidden.main(five_evaluations(run_config(
+    timed(distil_hidden.main)(five_evaluations(run_config(
         "demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"), script=distil_hidden,
         **demo["hidden"], **b_setup)))
 
@@ -227,6 +252,8 @@ def main() -> None:
         "student, untrained": heldout_cross_entropy(paths["student_init"], paths["eval"]),
         "student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"]),
         "student, logit KD": heldout_cross_entropy(os.path.join(OUTPUT, "kd"), paths["eval"]),
+        f"student, logit KD from a top-{demo['offline_top_k']} capture": heldout_cross_entropy(
+            os.path.join(OUTPUT, "kd_offline"), paths["eval"]),
         "Llama student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "llama_sft"), paths["eval"]),
         "Llama student, hidden-state KD": heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"]),
     }
@@ -242,6 +269,20 @@ def main() -> None:
     print("\n* tokenizer B: total nats on the same assistant text divided by its number of teacher-tokenizer tokens")
     gap = results["student, SFT"] - results["student, logit KD"]
     print(f"\nKD minus SFT: {-gap:+.4f} nats/token ({'KD better' if gap > 0 else 'SFT better or equal'})")
+    online, offline = results["student, logit KD"], results[f"student, logit KD from a top-{demo['offline_top_k']} capture"]
+    runtime = {name: next(log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log)
+               for name, trainer in (("online", kd), ("offline", kd_offline))}
+    offline_summary = {
+        "bytes_per_position_record": manifest["record_bytes"],
+        "bytes_per_position_on_disk": manifest["bytes_per_position_on_disk"],
+        "capture_positions_per_second": manifest["positions_per_second"],
+        "training_speedup_offline_over_online": runtime["online"] / runtime["offline"],
+        "eval_ce_offline_minus_online_relative": (offline - online) / online,
+    }
+    print(f"offline KD: {manifest['record_bytes']} bytes per position per record "
+          f"({manifest['bytes_per_position_on_disk']:.1f} on disk with parquet), capture "
+          f"{manifest['positions_per_second']:.0f} positions/s, training {offline_summary['training_speedup_offline_over_online']:.2f}x "
+          f"the online speed, held-out CE {100 * offline_summary['eval_ce_offline_minus_online_relative']:+.2f}% vs online KD")
     for label, sft_row, hidden_row in (
         ("Llama student", "Llama student, SFT", "Llama student, hidden-state KD"),
         ("Llama student, tokenizer B", "Llama student, tokenizer B, SFT *", "Llama student, tokenizer B, hidden-state KD *"),
@@ -254,8 +295,10 @@ def main() -> None:
     plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
           "Llama hidden KD": eval_curve(llama_hidden)},
          {"teacher": results["teacher (all rows)"]}, os.path.join(OUTPUT, "demo_curves.png"))
-    json.dump({"settings": demo, "eval_cross_entropy": results, "seconds": time.time() - start},
+    json.dump({"settings": demo, "eval_cross_entropy": results, "offline": offline_summary,
+               "seconds": time.time() - start},
               open(os.path.join(OUTPUT, "demo_results.json"), "w"), indent=2)
+    print("seconds per run: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in PHASE_SECONDS.items()))
     print(f"wrote {OUTPUT}/demo_curves.png and demo_results.json ({time.time() - start:.0f} s in all)")
 
 
