@@ -496,26 +496,30 @@ def _tokenize_dataset(raw, name: str, data_format: str, tokenizer, max_length: i
     return tokenized.select(keep), dropped
 
 
-def prepare_datasets(data_config: dict, tokenizer, max_length: int):
+def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize_dataset: Callable | None = None):
     """Load, shuffle, subsample, tokenize and split the dataset. Returns (train, eval or None, stats).
 
     The eval set is `eval_name` (a separate dataset) when given, else `eval_size` rows split off with the seed.
     Rows without a trainable token (no assistant turn, or truncated before one) are dropped and counted; if nothing
     is left the run stops with an error. Sequences are not padded here: the collator pads per batch (or TRL packs).
+    `tokenize_dataset(raw, name, data_format) -> (dataset, dropped)` replaces the per-row tokenization (distil_hidden.py
+    tokenizes each row for two tokenizers).
     """
     name = data_config["name"]
+    system_prompt = data_config.get("system_prompt")
+    if tokenize_dataset is None:
+        def tokenize_dataset(raw, dataset_name: str, data_format: str):
+            return _tokenize_dataset(raw, dataset_name, data_format, tokenizer, max_length, system_prompt)
     raw = load_raw_dataset(name, data_config.get("split", "train"))
     data_format = _format_of(raw, data_config.get("format"))
     raw = raw.shuffle(seed=data_config["seed"])
     if data_config.get("num_samples"):
         raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
-    system_prompt = data_config.get("system_prompt")
-    tokenized, dropped = _tokenize_dataset(raw, name, data_format, tokenizer, max_length, system_prompt)
+    tokenized, dropped = tokenize_dataset(raw, name, data_format)
     train, evaluation = tokenized, None
     if data_config.get("eval_name"):
         raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
-        evaluation, _ = _tokenize_dataset(raw_eval, data_config["eval_name"], _format_of(raw_eval, data_config.get("format")),
-                                          tokenizer, max_length, system_prompt)
+        evaluation, _ = tokenize_dataset(raw_eval, data_config["eval_name"], _format_of(raw_eval, data_config.get("format")))
     else:
         eval_size = data_config.get("eval_size") or 0
         eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
@@ -1616,27 +1620,13 @@ def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokeni
 
     A training set in which alignment leaves no position to compare is an error (nothing to distil).
     """
-    name = data_config["name"]
-    raw = load_raw_dataset(name, data_config.get("split", "train"))
-    data_format = _format_of(raw, data_config.get("format"))
-    raw = raw.shuffle(seed=data_config["seed"])
-    if data_config.get("num_samples"):
-        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
-    system_prompt = data_config.get("system_prompt")
-    paired, dropped = _pair_dataset(raw, name, data_format, student_tokenizer, teacher_tokenizer, max_length, system_prompt)
-    train, evaluation = paired, None
-    if data_config.get("eval_name"):
-        raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
-        evaluation, _ = _pair_dataset(raw_eval, data_config["eval_name"], _format_of(raw_eval, data_config.get("format")),
-                                      student_tokenizer, teacher_tokenizer, max_length, system_prompt)
-    else:
-        eval_size = data_config.get("eval_size") or 0
-        eval_rows = int(round(eval_size * len(paired))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
-        if eval_rows >= len(paired):
-            raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(paired)}; lower it.")
-        if eval_rows > 0:
-            split = paired.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
-            train, evaluation = split["train"], split["test"]
+    name, system_prompt = data_config["name"], data_config.get("system_prompt")
+
+    def pair(raw, dataset_name: str, data_format: str):
+        return _pair_dataset(raw, dataset_name, data_format, student_tokenizer, teacher_tokenizer, max_length,
+                             system_prompt)
+
+    train, evaluation, stats = prepare_datasets(data_config, student_tokenizer, max_length, tokenize_dataset=pair)
     aligned = sum(len(positions) for positions in train["student_positions"])
     trained = sum(sum(label != -100 for label in labels[1:]) for labels in train["labels"])
     if aligned == 0:
@@ -1645,10 +1635,9 @@ def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokeni
             "trained span has a character offset where both end a token (check the chat templates, and raise "
             "tokenizer.max_length if the teacher's rendering is truncated before the assistant turns)."
         )
-    stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
-             "eval": 0 if evaluation is None else len(evaluation), "aligned_positions": aligned,
-             "trained_tokens": trained}
-    print_rank0(f"dataset: {stats}; {100 * aligned / max(trained, 1):.0f}% of the student's predicting positions have a teacher position")
+    stats.update(aligned_positions=aligned, trained_tokens=trained)
+    print_rank0(f"alignment: {aligned} compared positions, {100 * aligned / max(trained, 1):.0f}% of the student's "
+                "predicting positions have a teacher position")
     return train, evaluation, stats
 
 
