@@ -769,12 +769,53 @@ def chunk_tokens_for_budget(vocab: int, memory_budget_mb: float, copies: int = 8
     return max(16, chunk // 16 * 16)
 
 
+# Bytes of one float32 (block, vocab) temporary on the CPU; a block holds 2 (the two log-softmaxes) besides its rows
+# of the two logit buffers. Smaller blocks stay in cache but multiply the operations, and each operation is a
+# parallel region where both threads must meet: on a machine shared with another job, 2 MiB blocks (16 rows of a
+# 32768 vocabulary) made a step 4-8x slower, 16 MiB ones were unaffected. Undisturbed, 1 to 16 MiB are within ~5%.
+CPU_BLOCK_BYTES = 8 * 2**20
+
+
+def row_block_tokens(rows: int, device: torch.device) -> int:
+    """Rows of a chunk processed together by the softmax arithmetic: CPU_BLOCK_BYTES per float32 temporary on the CPU,
+    unlimited on CUDA (where per-kernel launch cost dominates and a chunk is already sized for memory)."""
+    if device.type != "cpu":
+        return 1 << 30
+    return max(1, CPU_BLOCK_BYTES // (4 * rows))
+
+
+def _transform_(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor | None:
+    """Apply logits = softcap * tanh(scale * raw / softcap) (or scale * raw) in place; return d logits / d raw when it
+    is not a constant."""
+    if softcap is None:
+        if scale != 1.0:
+            logits.mul_(scale)
+        return None
+    capped = logits.mul_(scale / softcap).tanh_()
+    slope = (1 - capped.square()).mul_(scale)
+    capped.mul_(softcap)
+    return slope
+
+
+def _addmm_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """accumulator (float32) += a @ b without a rounded or temporary (vocab, hidden) product."""
+    if a.dtype == torch.float32:
+        accumulator.addmm_(a, b.float())
+    elif accumulator.device.type == "cuda":
+        torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    else:
+        accumulator.addmm_(a.float(), b.float())
+
+
 class _ChunkedDistillationLoss(torch.autograd.Function):
     """kd_weight * KD + ce_weight * CE from hidden states, gradients computed chunk by chunk during the forward.
 
-    Forward KL and reverse KL use closed-form logit gradients; the other divergences differentiate
-    `token_divergence` on each chunk with autograd, so every divergence is exactly the one of
-    `logit_distillation_loss`.
+    Memory: the two (chunk, vocab) logit buffers are allocated once per call and reused by every chunk, and the
+    student's is overwritten in place with d loss / d logits, so a chunk holds those two buffers and the row block's
+    temporaries. The softmax arithmetic runs on row blocks (`row_block_tokens`) so that it stays in the CPU's cache.
+    Forward and reverse KL use closed-form logit gradients; the other divergences, and the offline top-k buckets,
+    differentiate their reference formula on each row block with autograd, so every divergence is exactly the one of
+    `logit_distillation_loss` / `topk_distillation_loss`.
     """
 
     @staticmethod
@@ -782,87 +823,112 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
                 targets, options):
         o = options
         needs_grad = student_hidden.requires_grad or student_weight.requires_grad
-        device = student_hidden.device
+        device, tokens = student_hidden.device, student_hidden.shape[0]
         count = torch.as_tensor(o["num_items"], dtype=torch.float32, device=device).clamp(min=1)
         temperature, vocab, rows = o["temperature"], o["vocab_size"], student_weight.shape[0]
+        use_teacher = o["kd_weight"] != 0 and o["teacher_topk"] is None
+        use_topk = o["kd_weight"] != 0 and o["teacher_topk"] is not None
         kd_weight = o["kd_weight"] * temperature / count  # d(T^2 * D)/ds = T * dD/d(s/T)
         ce_weight = o["ce_weight"] / count
         kd_sum = torch.zeros((), dtype=torch.float32, device=device)
         ce_sum = torch.zeros_like(kd_sum)
+        chunk = min(o["chunk_tokens"], max(tokens, 1))
+        # The only (chunk, vocab) memory of the whole loss: one buffer per head, reused by every chunk.
+        student_logits = torch.empty((chunk, rows), dtype=student_weight.dtype, device=device)
+        teacher_logits = (torch.empty((chunk, teacher_weight.shape[0]), dtype=teacher_weight.dtype, device=device)
+                          if use_teacher else None)
         if needs_grad:
             grad_hidden = torch.empty_like(student_hidden)
             grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
             grad_bias = None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
-        for start in range(0, student_hidden.shape[0], o["chunk_tokens"]):
-            end = min(start + o["chunk_tokens"], student_hidden.shape[0])
-            hidden, chunk_targets = student_hidden[start:end], targets[start:end]
-            logits, slope = _head_logits(hidden, student_weight, student_bias, *o["student_head"])
-            grad_kd = log_probs = None
-            if o["kd_weight"] != 0 and o["teacher_topk"] is not None:
-                ids, teacher_log_probs, tail = (x[start:end] for x in o["teacher_topk"])
-                scaled = logits[:, :vocab] / temperature if temperature != 1 or vocab != rows else logits
-                with torch.enable_grad():
-                    leaf = scaled.detach().requires_grad_(needs_grad)
-                    per_token = topk_bucket_divergence(leaf, ids, teacher_log_probs, tail, o["divergence"], o["beta"],
-                                                       o["skew"])
-                    chunk_sum = per_token.sum()
-                    if needs_grad:
-                        (grad_kd,) = torch.autograd.grad(chunk_sum, leaf)
-                kd_sum += chunk_sum.detach()
-            elif o["kd_weight"] != 0:
-                teacher_logits, _ = _head_logits(teacher_hidden[start:end], teacher_weight, teacher_bias, *o["teacher_head"])
-                log_p = F.log_softmax(teacher_logits[:, :vocab] / temperature, -1)
-                del teacher_logits
-                scaled = logits[:, :vocab] / temperature if temperature != 1 or vocab != rows else logits
-                if o["divergence"] == "forward_kl":
-                    log_q = F.log_softmax(scaled, -1)
-                    p = log_p.exp()
-                    kd_sum += _kl(log_p, log_q).sum()
-                    if needs_grad:  # dKL(p||q)/d(s/T) = q - p
-                        grad_kd = log_q.exp().sub_(p)
-                    del p
-                elif o["divergence"] == "reverse_kl":
-                    log_q = F.log_softmax(scaled, -1)
-                    q = log_q.exp()
-                    diff = log_q - log_p
-                    per_token = (q * diff).sum(-1)
-                    kd_sum += per_token.sum()
-                    if needs_grad:  # dKL(q||p)/d(s/T) = q * (log q - log p - KL)
-                        grad_kd = diff.sub_(per_token[:, None]).mul_(q)
-                    del q, diff
-                else:
+        block = row_block_tokens(rows, device)
+        for start in range(0, tokens, chunk):
+            end = min(start + chunk, tokens)
+            hidden, logits = student_hidden[start:end], student_logits[: end - start]
+            torch.mm(hidden, student_weight.t(), out=logits)
+            if student_bias is not None:
+                logits.add_(student_bias)
+            if use_teacher:
+                teacher = teacher_logits[: end - start]
+                torch.mm(teacher_hidden[start:end], teacher_weight.t(), out=teacher)
+                if teacher_bias is not None:
+                    teacher.add_(teacher_bias)
+            for row in range(0, end - start, block):
+                stop = min(row + block, end - start)
+                raw = logits[row:stop]
+                s = raw.float()  # a view when the head is float32: the gradient then overwrites the logits in place
+                slope = _transform_(s, *o["student_head"])
+                block_targets = targets[start + row:start + stop]
+                log_probs = F.log_softmax(s, -1)
+                ce_sum -= log_probs.gather(1, block_targets[:, None]).sum()
+                grad_kd = None
+                if use_teacher:
+                    teacher_block = teacher[row:stop].float()  # a view when float32, like s
+                    _transform_(teacher_block, *o["teacher_head"])
+                    log_p = F.log_softmax(teacher_block[:, :vocab].div_(temperature), -1)
+                    scaled = s[:, :vocab]  # s itself is not needed any more: the CE's log-softmax is taken
+                    if temperature != 1:
+                        scaled.div_(temperature)
+                    if o["divergence"] in ("forward_kl", "reverse_kl"):
+                        # log q over the scaled logits and q over the teacher's logits (free once log p is taken):
+                        # besides the two log-softmaxes the block then needs no (block, vocab) temporary.
+                        q = teacher_block[:, :vocab]
+                        top = scaled.amax(-1, keepdim=True)
+                        total = torch.sub(scaled, top, out=q).exp_().sum(-1, keepdim=True)
+                        q.div_(total)
+                        log_q = scaled.sub_(total.log_().add_(top))
+                    if o["divergence"] == "forward_kl":
+                        diff = torch.sub(log_p, log_q, out=log_q)
+                        p = log_p.exp_()
+                        kd_sum += torch.einsum("ij,ij->i", p, diff).sum()
+                        if needs_grad:  # dKL(p||q)/d(s/T) = q - p
+                            grad_kd = q.sub_(p)
+                    elif o["divergence"] == "reverse_kl":
+                        diff = torch.sub(log_q, log_p, out=log_p)
+                        per_token = torch.einsum("ij,ij->i", q, diff)[:, None]
+                        kd_sum += per_token.sum()
+                        if needs_grad:  # dKL(q||p)/d(s/T) = q * (log q - log p - KL)
+                            grad_kd = diff.sub_(per_token).mul_(q)
+                    else:
+                        with torch.enable_grad():
+                            leaf = scaled.detach().requires_grad_(needs_grad)
+                            block_sum = token_divergence(F.log_softmax(leaf, -1), log_p, o["divergence"], o["beta"],
+                                                         o["skew"]).sum()
+                            if needs_grad:
+                                (grad_kd,) = torch.autograd.grad(block_sum, leaf)
+                        kd_sum += block_sum.detach()
+                elif use_topk:
+                    ids, teacher_log_probs, tail = (x[start + row : start + stop] for x in o["teacher_topk"])
                     with torch.enable_grad():
-                        leaf = scaled.detach().requires_grad_(needs_grad)
-                        log_q = F.log_softmax(leaf, -1)
-                        chunk_sum = token_divergence(log_q, log_p, o["divergence"], o["beta"], o["skew"]).sum()
+                        leaf = (s[:, :vocab] / temperature).detach().requires_grad_(needs_grad)
+                        block_sum = topk_bucket_divergence(leaf, ids, teacher_log_probs, tail, o["divergence"],
+                                                           o["beta"], o["skew"]).sum()
                         if needs_grad:
-                            (grad_kd,) = torch.autograd.grad(chunk_sum, leaf)
-                    kd_sum += chunk_sum.detach()
-                    log_q = log_q.detach()
-                del log_p
-                if scaled is logits:
-                    log_probs = log_q  # T = 1 over the whole head: the CE's log-softmax is the same tensor
-            if log_probs is None:
-                log_probs = F.log_softmax(logits, -1)
-            ce_sum -= log_probs.gather(1, chunk_targets[:, None]).sum()
+                            (grad_kd,) = torch.autograd.grad(block_sum, leaf)
+                    kd_sum += block_sum.detach()
+                if not needs_grad:
+                    continue
+                # d CE / d s = softmax(s) - onehot(target), written over the logits
+                grad = torch.exp(log_probs, out=s).mul_(ce_weight)
+                grad[torch.arange(stop - row, device=device), block_targets] -= ce_weight
+                if grad_kd is not None:
+                    grad[:, :vocab].addcmul_(grad_kd, kd_weight)
+                if slope is not None:
+                    grad.mul_(slope)
+                elif o["student_head"][0] != 1.0:
+                    grad.mul_(o["student_head"][0])
+                if grad is not raw:
+                    raw.copy_(grad)
             if not needs_grad:
                 continue
-            # d CE / d s = softmax(s) - onehot(target)
-            grad = log_probs.exp()
-            grad[torch.arange(end - start, device=device), chunk_targets] -= 1
-            grad.mul_(ce_weight)
-            if grad_kd is not None:
-                grad[:, :vocab].add_(grad_kd.mul_(kd_weight))
-            del grad_kd, log_probs
-            if slope is not None:
-                grad.mul_(slope)
-            elif o["student_head"][0] != 1.0:
-                grad.mul_(o["student_head"][0])
-            grad = grad.to(student_weight.dtype)
-            grad_hidden[start:end] = grad @ student_weight
-            grad_weight.add_((grad.t() @ hidden).float())
+            if grad_hidden.dtype == logits.dtype:
+                torch.mm(logits, student_weight, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end] = logits @ student_weight
+            _addmm_fp32(grad_weight, logits.t(), hidden)
             if grad_bias is not None:
-                grad_bias.add_(grad.float().sum(0))
+                grad_bias.add_(logits.sum(0, dtype=torch.float32))
+        del student_logits, teacher_logits
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         else:
@@ -875,9 +941,10 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        grad_bias = None if grad_bias is None else (grad_bias * grad_loss).to(ctx.weight_dtype)
+        # In place: a scaled copy would hold a second (vocab, hidden) gradient while autograd assigns it.
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 

@@ -39,7 +39,12 @@ def relative_error(a, b):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature,softcap,scale,bias", [(1.0, None, 1.0, False), (2.0, None, 0.5, True),
                                                             (0.7, 4.0, 1.0, True)])
-def test_chunked_equals_reference(divergence, temperature, softcap, scale, bias):
+@pytest.mark.parametrize("row_block", [None, 5])
+def test_chunked_equals_reference(divergence, temperature, softcap, scale, bias, row_block, monkeypatch):
+    import common
+
+    if row_block:  # softmax arithmetic on blocks of 5 rows inside each chunk, as it runs on large vocabularies
+        monkeypatch.setattr(common, "CPU_BLOCK_BYTES", row_block * 4 * 96)
     torch.manual_seed(0)
     batch, seq, student_size, teacher_size, rows, teacher_rows, vocab = 3, 29, 16, 24, 96, 128, 80
     student_head = torch.nn.Linear(student_size, rows, bias=bias)
