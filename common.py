@@ -255,6 +255,11 @@ def load_causal_lm(name: str, config: dict, trainable: bool = True):
         raise ConfigError(f"could not load the model '{name}': {str(error).splitlines()[0]}") from None
     if not trainable:
         freeze_for_inference(model)
+    if config["training"].get("packing") and model.config._attn_implementation != "flash_attention_2":
+        # TRL's padding-free packing flattens a whole batch into one row; sdpa then attends over all of it with a
+        # block-diagonal mask: correct, but quadratic in the batch's length (bench/padding_bench.py: 5x slower).
+        print_rank0(f"warning: packing without flash_attention_2 ({name} uses {model.config._attn_implementation}) is "
+                    "correct but slow: sdpa attends over the whole flattened batch. Install flash-attn or set packing: false.")
     return model
 
 
