@@ -47,6 +47,11 @@ def run_cli(main: Callable[[dict], Any], config: dict) -> None:
     except (ConfigError, TrainingDivergedError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # Tear the process group down before the interpreter does: left to exit, gloo's threads can abort a process
+    # ("terminate called without an active exception") after a run that finished and saved.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
