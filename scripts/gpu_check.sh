@@ -30,5 +30,5 @@ accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml --num_pr
     --config /tmp/gpu_check/zero3.json 2>&1 | tee "$RESULTS_DIR/zero3.log" | grep -E "teacher on rank|train_runtime|Error" || true
 if [ -f bench/loss_bench.py ]; then
     echo "--- loss benchmark on CUDA"
-    python3 bench/loss_bench.py --device cuda --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/loss_bench.log" | tail -30
+    python3 bench/loss_bench.py --output "$RESULTS_DIR/loss_bench" 2>&1 | tee "$RESULTS_DIR/loss_bench.log" | tail -30
 fi
