@@ -950,6 +950,11 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("backward ran twice through the chunked distillation loss (retain_graph=True): its "
+                               "gradients are computed in the forward and scaled in place, so a second pass would be "
+                               "wrong. Recompute the loss instead.")
+        ctx.backward_done = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         # In place: a scaled copy would hold a second (vocab, hidden) gradient while autograd assigns it.
         grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))

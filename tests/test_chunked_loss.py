@@ -153,3 +153,13 @@ def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
     packed = loss_of(packed_batch)
     for name in ("loss", "kd_loss", "ce_loss"):
         assert packed[name].item() == pytest.approx(padded[name].item(), rel=1e-5), name
+
+
+def test_second_backward_through_the_loss_is_refused():
+    """Gradients are scaled in place in backward: a retained graph must not silently scale them twice."""
+    head = torch.nn.Linear(8, 32)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    loss, _, _ = chunked_distillation_loss(hidden, head, None, None, torch.randint(0, 32, (5,)), 0.0, 1.0)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
