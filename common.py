@@ -1066,7 +1066,7 @@ def add_distillation_forward(model: torch.nn.Module, projections_attribute: str 
             options = dict(distillation)
             labels = options.pop("labels")
             teacher_hidden, teacher_head = options.pop("teacher_hidden"), options.pop("teacher_head")
-            mask = labels[:, 1:] != -100
+            mask = shift_for_next_token(labels)
             head = self.get_output_embeddings()
             teacher_params = () if teacher_head is None else (teacher_head.weight, getattr(teacher_head, "bias", None))
             # Under ZeRO-3 the heads are partitioned; gather them for the loss only.
@@ -1102,7 +1102,7 @@ def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, 
     `add_final_hidden_forward(teacher)`: only the backbone runs, the logits are built chunk by chunk in the loss."""
     with torch.no_grad():
         hidden = teacher(**inputs, final_hidden_only=True)
-    return hidden[:, :-1][labels[:, 1:] != -100]
+    return hidden[:, :-1][shift_for_next_token(labels)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
