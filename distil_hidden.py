@@ -11,45 +11,64 @@ token at the same character of a trained span (see README, "Hidden-state distill
 
 Copy this file per experiment and edit `config`. The projections are saved next to the student, in
 output_dir/hidden_projections.safetensors (with the layer map); the student itself is a plain checkpoint.
+
+The loss, per optimizer step (losses.py has the reference formulas and the chunked kernel):
+
+    loss = alpha * H + (1 - alpha) * CE + kd_weight * KD
+    H    = 1 / (M * L) * sum_(l = 1..L) sum_(k aligned) d(P_l(s_l,k), t_l,k)
+
+- l runs over the L pairs of `distillation.layer_map` (student block, teacher block); s_l,k and t_l,k are the two
+  models' hidden states after those blocks at aligned position k; P_l is the pair's trained linear projection from
+  the student's hidden size to the teacher's.
+- d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
+  cosine = 1 - cosine similarity.
+- Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
+  positions where both tokenizations end a token at the same character of a trained span (alignment.py).
+- M is the number of aligned positions in the whole optimizer step (all micro-batches and processes).
+- CE and KD are those of distil_logits.py (KD only with a shared tokenizer), normalised by the step's counted tokens.
 """
 
-import json
-import os
-
 import torch
-import torch.nn.functional as F
 from trl import SFTTrainer
 
+from alignment import PairedCollator, check_chat_templates, prepare_paired_datasets
 from common import (
-    DIVERGENCES,
-    HIDDEN_LOSSES,
-    PROJECTIONS_FILE,
     ConfigError,
-    PairedCollator,
-    add_hidden_layers_forward,
-    add_distillation_forward,
+    LossPartLog,
     apply_spectrum,
-    build_projections,
     build_sft_config,
-    head_transform,
-    check_chat_templates,
     check_dataset_path,
-    check_finite_losses,
-    check_layer_map_format,
     check_output_dir,
     load_causal_lm,
-    load_projections,
     load_tokenizer,
-    model_shape,
+    next_token_mask,
     output_vocab_size,
+    place_teacher,
     prepare_datasets,
-    prepare_paired_datasets,
     print_rank0,
-    projection_key,
     read_spectrum_patterns,
-    resolve_layer_map,
     resolve_resume_checkpoint,
     run_cli,
+    same_tokenization,
+    save_finished_run,
+)
+from losses import (
+    DIVERGENCES,
+    HIDDEN_LOSSES,
+    add_distillation_forward,
+    add_hidden_states_forward,
+    final_layer,
+    head_transform,
+    hidden_state_loss,
+    student_loss,
+)
+from projections import (
+    PROJECTIONS_FILE,
+    build_projections,
+    check_layer_map_format,
+    load_projections,
+    model_shape,
+    resolve_layer_map,
     save_projections,
 )
 
@@ -144,35 +163,6 @@ def validate(config: dict) -> None:
     check_output_dir(config)
 
 
-def hidden_state_loss(
-    student_projected: list[torch.Tensor],
-    teacher_hidden: list[torch.Tensor],
-    loss: str = "mse",
-    num_positions: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Hidden-state loss over L mapped layer pairs and the aligned positions:
-
-        H = 1 / (N * L) * sum_l sum_k d(P_l(s_l,k), t_l,k)
-
-    student_projected[l]: the student's states of pair l at the aligned positions after the pair's projection P_l,
-    shape (n, d_t); teacher_hidden[l]: the teacher's states of pair l at the same positions, (n, d_t). d is the mean
-    over the d_t units of the squared difference (mse), or 1 - cosine similarity (cosine). N is `num_positions` (the
-    aligned positions of the whole optimizer step, so that gradient accumulation matches one big batch) or, when
-    None, n. Computed in float32.
-    """
-    total = student_projected[0].new_zeros((), dtype=torch.float32)
-    for projected, target in zip(student_projected, teacher_hidden):
-        projected, target = projected.float(), target.to(projected.device).float()
-        if loss == "mse":
-            total = total + (projected - target).pow(2).mean(-1).sum()
-        elif loss == "cosine":
-            total = total + (1 - F.cosine_similarity(projected, target, dim=-1)).sum()
-        else:
-            raise ConfigError(f"unknown hidden-state loss '{loss}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
-    count = student_projected[0].shape[0] if num_positions is None else num_positions
-    return total / (torch.as_tensor(count, device=total.device).clamp(min=1) * len(student_projected))
-
-
 class HiddenStatesTrainer(SFTTrainer):
     """SFTTrainer whose loss is alpha * hidden + (1 - alpha) * CE + kd_weight * KD.
 
@@ -196,26 +186,18 @@ class HiddenStatesTrainer(SFTTrainer):
         self.layer_pairs = list(layer_pairs)
         # Only the mapped layers are recorded (the others come back as None): no model keeps every layer's states.
         self.teacher_layers = sorted({teacher_layer for _, teacher_layer in self.layer_pairs})
-        self._hidden_items_in_step = None
-        self._loss_part_sums = {}
-        # The student's forward computes the projections and the chunked CE (and KD) loss itself: no full logits.
+        self.aligned_in_step = None
+        self.loss_log = LossPartLog(self.accelerator)
         add_distillation_forward(self.model, PROJECTIONS_ATTRIBUTE)
-        self.teacher = None
-        self._teacher_module = teacher
-        self._teacher_transform = head_transform(teacher) if teacher is not None else (1.0, None)
+        self.teacher = self.teacher_head = None
+        self.teacher_transform = (1.0, None)
         if teacher is not None:
-            add_hidden_layers_forward(teacher)  # before any wrapping, so the engines call the patched forward
-            if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
-
-                # Same ZeRO stage as the student: under ZeRO-3 each process holds only the teacher's shard.
-                self.teacher = prepare_deepspeed(teacher, self.accelerator)
-            elif self.is_fsdp_enabled:
-                from trl.models import prepare_fsdp
-
-                self.teacher = prepare_fsdp(teacher, self.accelerator)
-            else:
-                self.teacher = teacher.to(self.accelerator.device)
+            if distillation["kd_weight"] > 0:  # the logit term also needs the teacher's final hidden state
+                self.teacher_layers = sorted(set(self.teacher_layers) | {final_layer(teacher)})
+                self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+            add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
+            self.teacher = place_teacher(teacher, self)
+            self.final_layer = final_layer(teacher)
 
     def aligned_positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, student position, teacher position) of every compared position: the collator's alignment, or, with a
@@ -223,35 +205,28 @@ class HiddenStatesTrainer(SFTTrainer):
         if "student_positions" in inputs:
             valid = inputs["student_positions"] >= 0
             return valid.nonzero(as_tuple=True)[0], inputs["student_positions"][valid], inputs["teacher_positions"][valid]
-        rows, positions = (inputs["labels"][:, 1:] != -100).nonzero(as_tuple=True)
+        rows, positions = next_token_mask(inputs["labels"]).nonzero(as_tuple=True)
         return rows, positions, positions
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # The Trainer counts the labels of the optimizer step (num_items_in_batch); count the aligned positions too.
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        count = torch.tensor(sum(self.aligned_positions(batch)[0].numel() for batch in batch_samples), device=device)
+        aligned = torch.tensor(sum(self.aligned_positions(batch)[0].numel() for batch in batch_samples), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        self._hidden_items_in_step = count
+            aligned = self.accelerator.gather(aligned).sum()
+        self.aligned_in_step = aligned
         return batch_samples, num_items_in_batch
 
-    def teacher_forward(self, inputs: dict, student_inputs: dict):
-        """The teacher's hidden states (a tuple indexed by layer, only the mapped layers filled) and, for the logit
-        term, its logits. Without the logit term only the backbone runs: no (batch, seq, vocab) logits."""
+    def teacher_hidden_states(self, inputs: dict, student_inputs: dict) -> tuple:
+        """The teacher's hidden states, a tuple indexed by layer with only the mapped layers (and, for the logit term,
+        the final one) filled. Only the backbone runs: the teacher's logits are never built."""
         if self.shared_tokenizer:
             teacher_inputs = dict(student_inputs)
         else:
             teacher_inputs = {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"],
                               "use_cache": False}
         with torch.no_grad():
-            if self.distillation["kd_weight"] > 0:
-                # The logit term needs the final hidden state at the counted positions; the logits themselves are
-                # built chunk by chunk inside the student's loss, never as a (batch, seq, vocab) tensor.
-                last = self._teacher_module.config.get_text_config().num_hidden_layers
-                hidden = self.teacher(**teacher_inputs, hidden_layers=sorted(set(self.teacher_layers) | {last}))
-                final = hidden[last][:, :-1][inputs["labels"][:, 1:] != -100]
-                return hidden, final
-            return self.teacher(**teacher_inputs, hidden_layers=self.teacher_layers), None
+            return self.teacher(**teacher_inputs, hidden_layers=self.teacher_layers)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -259,72 +234,49 @@ class HiddenStatesTrainer(SFTTrainer):
         rows, student_positions, teacher_positions = self.aligned_positions(inputs)
         student_inputs = {key: value for key, value in inputs.items() if key not in PAIRED_KEYS and key != "labels"}
         student_inputs["use_cache"] = False
+        batch_tokens = next_token_mask(labels).sum()
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         if num_items_in_batch is None:
             # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
-            num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
-        hidden_items = self._hidden_items_in_step if mode == "train" else None
-        if hidden_items is None:
-            hidden_items = rows.numel() * steps
-        teacher_hidden = teacher_final = None
-        if self.teacher is not None:
-            teacher_hidden, teacher_final = self.teacher_forward(inputs, student_inputs)
-        alpha = self.distillation["alpha"]
-        project = {"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions} if self.layer_pairs else None
-        outputs = model(**student_inputs, project_hidden=project, distillation={
-            "labels": labels,
-            "teacher_hidden": teacher_final,
-            "teacher_head": None if teacher_final is None else self._teacher_module.get_output_embeddings(),
-            "teacher_transform": self._teacher_transform,
-            "kd_weight": self.distillation["kd_weight"],
-            "ce_weight": 1 - alpha,
-            "num_items_in_batch": num_items_in_batch,
-            "divergence": self.distillation["divergence"],
-            "temperature": self.distillation["temperature"],
-            "vocab_size": self.vocab_size,
-            "memory_budget_mb": self.distillation["loss_memory_mb"],
-        })
-        hidden_loss = None
+            num_items_in_batch = batch_tokens * steps
+        aligned_in_step = self.aligned_in_step if mode == "train" else None
+        if aligned_in_step is None:
+            aligned_in_step = rows.numel() * steps
+        teacher_hidden = self.teacher_hidden_states(inputs, student_inputs) if self.teacher is not None else None
+        teacher_final = None
+        if self.teacher_head is not None:
+            teacher_final = teacher_hidden[self.final_layer][:, :-1][next_token_mask(labels)]
+        alpha, distillation = self.distillation["alpha"], self.distillation
+        outputs = student_loss(
+            model, student_inputs, labels,
+            project_hidden={"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions}
+            if self.layer_pairs else None,
+            teacher_hidden=teacher_final, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
+            kd_weight=distillation["kd_weight"], ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
+            divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
+            memory_budget_mb=distillation["loss_memory_mb"],
+        )
+        hidden_loss = torch.zeros_like(outputs["ce_loss"])
         if self.layer_pairs:
             hidden_loss = hidden_state_loss(
                 outputs["projected_hidden"],
                 [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
-                loss=self.distillation["loss"], num_positions=hidden_items,
+                loss=distillation["loss"], num_positions=aligned_in_step,
             )
         del teacher_hidden
-        ce_loss, kd_loss = outputs["ce_loss"], outputs["kd_loss"]
-        hidden_loss = torch.zeros_like(ce_loss) if hidden_loss is None else hidden_loss
         # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
         loss = alpha * hidden_loss + outputs["loss"]
-        ce_count = (labels[:, 1:] != -100).sum()
-        self._log_loss_parts(mode, hidden_loss=(hidden_loss, hidden_items, rows.numel()),
-                             ce_loss=(ce_loss, num_items_in_batch, ce_count), kd_loss=(kd_loss, num_items_in_batch, ce_count))
+        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir,
+                          hidden_loss=(hidden_loss, aligned_in_step, rows.numel()),
+                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens),
+                          kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens))
         # DDP averages gradients over processes while the normalisers count every process's tokens and positions.
         if mode == "train" and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _log_loss_parts(self, mode: str, **parts) -> None:
-        """parts: name -> (value, normaliser, count), where value * normaliser is this micro-batch's sum over its
-        `count` items (tokens for CE and KD, aligned positions for the hidden loss). Logged values are exact means over
-        the logging interval, whatever the batch split."""
-        sums = self._loss_part_sums.setdefault(mode, {})
-        gathered = {}
-        for name, (value, normaliser, count) in parts.items():
-            local = torch.stack([value.detach().float() * normaliser, torch.as_tensor(count, device=value.device).float()])
-            total, items = self.accelerator.gather_for_metrics(local.reshape(1, 2)).sum(0).tolist()
-            previous_total, previous_items = sums.get(name, (0.0, 0.0))
-            sums[name] = (previous_total + total, previous_items + items)
-            gathered[name] = total
-        # Every process sees the same gathered sums, so all of them stop together, before the optimizer step.
-        check_finite_losses(gathered, self.state.global_step + 1, self.args.output_dir, mode)
-
     def log(self, logs: dict, start_time=None) -> None:
-        mode = "train" if self.model.training else "eval"
-        sums = self._loss_part_sums.pop(mode, None)
-        if sums:
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{name}": total / max(items, 1) for name, (total, items) in sums.items()})
+        logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         super().log(logs, start_time)
 
     # --- saving and resuming: the student checkpoint stays plain, the projections get their own file ---
@@ -372,13 +324,6 @@ class HiddenStatesTrainer(SFTTrainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
-def tokenizers_shared(teacher_tokenizer, student_tokenizer) -> bool:
-    """Same vocabulary (every token at the same id) and the same chat template: the teacher can read the student's
-    token ids, and positions correspond one to one."""
-    return (teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-            and teacher_tokenizer.chat_template == student_tokenizer.chat_template)
-
-
 def main(config: dict) -> HiddenStatesTrainer:
     """Validate, load, train, save. Returns the trainer (its state holds the logged hidden_loss, ce_loss, kd_loss)."""
     validate(config)
@@ -398,7 +343,7 @@ def main(config: dict) -> HiddenStatesTrainer:
     tokenizers = {"student": tokenizer}
     if use_teacher:
         tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])
-    shared = not use_teacher or tokenizers_shared(tokenizers["teacher"], tokenizer)
+    shared = not use_teacher or same_tokenization(tokenizers["teacher"], tokenizer)
     if distillation["kd_weight"] > 0 and not shared:
         raise ConfigError(
             "distillation.kd_weight > 0 needs teacher and student to share a tokenizer and a chat template (the logit "
@@ -458,14 +403,7 @@ def main(config: dict) -> HiddenStatesTrainer:
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
-    trainer.save_state()  # trainer_state.json: the logged losses, for comparing runs
-
-    output_dir = training["output_dir"]
-    trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
-            json.dump(config, handle, indent=2, default=str)
+    output_dir = save_finished_run(trainer, tokenizer, config)
     saved = f"its tokenizer, {PROJECTIONS_FILE}" if projections is not None else "its tokenizer"
     print_rank0(f"saved the student, {saved} and distillation_config.json to {output_dir}")
     return trainer

@@ -9,42 +9,58 @@ mixed with the usual cross-entropy. Teacher and student must share a tokenizer (
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
 
 Copy this file per experiment and edit `config`.
+
+The loss, per optimizer step (losses.py has the reference formulas and the memory-saving kernel that computes them):
+
+    loss = alpha * KD + (1 - alpha) * CE
+    KD   = T^2 / N * sum_i D(p_i, q_i),   p_i = softmax(teacher_logits_i[:V] / T),  q_i = softmax(student_logits_i[:V] / T)
+    CE   = 1 / N * sum_i -log softmax(student_logits_i)[label_{i+1}]
+
+- i runs over the counted positions: those whose next token is trained (an assistant token; every token of a text row).
+- D is `distillation.divergence`: forward_kl = KL(p || q) (teacher first: the student covers all the teacher's
+  mass), reverse_kl = KL(q || p) (mode-seeking), jsd, tvd, skew_forward_kl, skew_reverse_kl (formulas in
+  losses.token_divergence).
+- T^2 keeps the gradient's scale independent of the temperature (Hinton et al., 2015).
+- V is the tokenizer's real vocabulary: rows by which an output head is padded beyond it are dropped, never
+  compared. CE uses the student's whole head, as the model's own loss does.
+- N is the number of counted positions in the whole optimizer step (all accumulated micro-batches, all processes):
+  the Trainer's `num_items_in_batch`, so that 2 x 2 accumulated rows train exactly as a batch of 4.
+- Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
 """
 
-import json
-import os
-
-import torch
 from trl import SFTTrainer
 
 from common import (
     CHATML_TEMPLATE,
-    TopKCapture,
-    TopKCodec,
-    DIVERGENCES,
     ConfigError,
+    LossPartLog,
     apply_spectrum,
-    add_distillation_forward,
-    add_final_hidden_forward,
     build_sft_config,
-    capture_settings,
-    check_capture_manifest,
-    check_finite_losses,
     check_dataset_path,
     check_output_dir,
-    head_transform,
     load_causal_lm,
     load_tokenizer,
+    next_token_mask,
     output_vocab_size,
+    place_teacher,
     prepare_datasets,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
-    run_capture,
     run_cli,
+    save_finished_run,
     shared_vocab_size,
+)
+from losses import (
+    DIVERGENCES,
+    add_distillation_forward,
+    add_hidden_states_forward,
+    final_layer,
+    head_transform,
+    student_loss,
     teacher_hidden_at_counted_positions,
 )
+from offline import CaptureRowCollator, TopKCapture, TopKCodec, capture_settings, check_capture_manifest, run_capture
 
 config = {
     "project_name": "distil-logits",  # a label written into the saved config
@@ -150,10 +166,10 @@ def validate(config: dict) -> None:
 
 
 class LogitsTrainer(SFTTrainer):
-    """SFTTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE.
+    """SFTTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE (the module docstring's formula).
 
     Neither model builds its (tokens, vocab) logits: the teacher runs its backbone only, and the student's forward
-    (patched by common.add_distillation_forward) computes both terms chunk by chunk from the final hidden states
+    (patched by losses.add_distillation_forward) computes both terms chunk by chunk from the final hidden states
     and the two output heads. TRL 1.x also patches the student's forward (a fused LM head used when called with
     labels); the student is never given labels here, so that path is not taken.
     """
@@ -167,106 +183,52 @@ class LogitsTrainer(SFTTrainer):
         self.distillation = distillation
         self.vocab_size = vocab_size
         self.capture_readers = capture_readers
-        self.teacher = self._teacher_module = self._teacher_transform = None
-        self._loss_part_sums = {}
-        # The student's forward computes the chunked loss itself when given `distillation=` (see common.py).
+        self.teacher = self.teacher_head = None
+        self.teacher_transform = (1.0, None)
+        self.loss_log = LossPartLog(self.accelerator)
         add_distillation_forward(self.model)
         if teacher is not None and distillation["alpha"] > 0:
-            add_final_hidden_forward(teacher)  # before any wrapping, so the engines call the patched forward
-            if self.is_deepspeed_enabled:
-                from trl.models import prepare_deepspeed
-
-                # Same ZeRO stage as the student: under ZeRO-3 each process holds only the teacher's shard.
-                self.teacher = prepare_deepspeed(teacher, self.accelerator)
-                held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
-                total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
-                print(f"teacher on rank {self.accelerator.process_index}: holds {held:,} of {total:,} parameters", flush=True)
-            elif self.is_fsdp_enabled:
-                from trl.models import prepare_fsdp
-
-                # Sharded like the student (same FSDP plugin), in eval mode, never given to the optimizer.
-                self.teacher = prepare_fsdp(teacher, self.accelerator)
-            else:
-                # DDP or one device: one replica per process, moved once here, never per step.
-                self.teacher = teacher.to(self.accelerator.device)
-            self._teacher_module = teacher
-            self._teacher_transform = head_transform(teacher)
+            add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
+            self.teacher = place_teacher(teacher, self)
+            self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+            self.teacher_final_layer = final_layer(teacher)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        labels = inputs["labels"]
-        capture_rows = inputs.get("capture_row")
-        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
-        model_inputs["use_cache"] = False
+        labels, capture_rows = inputs["labels"], inputs.get("capture_row")
+        student_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
+        student_inputs["use_cache"] = False
+        batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
             # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
-            steps = self.current_gradient_accumulation_steps if mode == "train" else 1
-            num_items_in_batch = (labels[:, 1:] != -100).sum() * steps
+            num_items_in_batch = batch_tokens * (self.current_gradient_accumulation_steps if mode == "train" else 1)
         teacher_hidden = stored_topk = None
         if self.teacher is not None:
-            teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, model_inputs, labels)
+            teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
+                                                                 self.teacher_final_layer)
         elif self.capture_readers is not None:
             stored_topk = self.capture_readers[mode].batch(capture_rows.tolist(), labels.device)
-        alpha = self.distillation["alpha"]
-        outputs = model(**model_inputs, distillation={
-            "labels": labels,
-            "teacher_hidden": teacher_hidden,
-            "teacher_head": None if self.teacher is None else self._teacher_module.get_output_embeddings(),
-            "teacher_transform": self._teacher_transform,
-            "kd_weight": alpha,
-            "ce_weight": 1 - alpha,
-            "num_items_in_batch": num_items_in_batch,
-            "divergence": self.distillation["divergence"],
-            "temperature": self.distillation["temperature"],
-            "vocab_size": self.vocab_size,
-            "beta": self.distillation["beta"],
-            "skew": self.distillation["skew"],
-            "memory_budget_mb": self.distillation["loss_memory_mb"],
-            "teacher_topk": stored_topk,
-        })
+        alpha, distillation = self.distillation["alpha"], self.distillation
+        outputs = student_loss(
+            model, student_inputs, labels,
+            teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
+            stored_topk=stored_topk,
+            kd_weight=alpha, ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
+            divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
+            beta=distillation["beta"], skew=distillation["skew"], memory_budget_mb=distillation["loss_memory_mb"],
+        )
+        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir,
+                          kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
+                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
         loss = outputs["loss"]
-        self._log_loss_parts(mode, labels, num_items_in_batch, kd_loss=outputs["kd_loss"], ce_loss=outputs["ce_loss"])
         # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
         if mode == "train" and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _log_loss_parts(self, mode: str, labels, num_items_in_batch, **parts) -> None:
-        """Accumulate each loss part's token sum and the token count over all processes, so that the logged value is
-        the exact per-token mean over the logging interval, whatever the batch split."""
-        count = self.accelerator.gather_for_metrics((labels[:, 1:] != -100).sum().reshape(1)).sum().item()
-        sums = self._loss_part_sums.setdefault(mode, {"tokens": 0})
-        sums["tokens"] += count
-        gathered = {}
-        for name, value in parts.items():
-            token_sum = (value.detach() * num_items_in_batch).reshape(1)
-            gathered[name] = self.accelerator.gather_for_metrics(token_sum).sum().item()
-            sums[name] = sums.get(name, 0.0) + gathered[name]
-        # Every process sees the same gathered sums, so all of them stop together, before the optimizer step.
-        check_finite_losses(gathered, self.state.global_step + 1, self.args.output_dir, mode)
-
     def log(self, logs: dict, start_time=None) -> None:
-        mode = "train" if self.model.training else "eval"
-        sums = self._loss_part_sums.pop(mode, None)
-        if sums:
-            prefix = "eval_" if mode == "eval" else ""
-            tokens = max(sums.pop("tokens"), 1)
-            logs.update({f"{prefix}{name}": total / tokens for name, total in sums.items()})
+        logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         super().log(logs, start_time)
-
-
-class CaptureRowCollator:
-    """TRL's padding collator, plus each row's index in its split so the trainer can fetch its stored top-k."""
-
-    def __init__(self, pad_token_id: int):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.collate([{key: example[key] for key in ("input_ids", "labels")} for example in examples])
-        batch["capture_row"] = torch.tensor([example["capture_row"] for example in examples])
-        return batch
 
 
 def main(config: dict) -> LogitsTrainer:
@@ -333,14 +295,7 @@ def main(config: dict) -> LogitsTrainer:
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
-    trainer.save_state()  # trainer_state.json: the logged losses, for comparing runs
-
-    output_dir = training["output_dir"]
-    trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
-            json.dump(config, handle, indent=2, default=str)
+    output_dir = save_finished_run(trainer, tokenizer, config)
     print_rank0(f"saved the student, its tokenizer and distillation_config.json to {output_dir}")
     return trainer
 

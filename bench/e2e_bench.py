@@ -4,13 +4,13 @@ SFT step (alpha = 0, no teacher) of the same student, next to the ratio the FLOP
     python bench/e2e_bench.py                  # ~30 s on one CPU core; writes bench/output/e2e_bench.md and .json
     python bench/e2e_bench.py --steps 10       # more timed steps per configuration
     python bench/e2e_bench.py --threads 2      # both cores (steady only when no other job runs)
-    python bench/e2e_bench.py --baseline-rev 88ec887~1   # also time common.py's loss as of a git revision
+    python bench/e2e_bench.py --baseline-rev HEAD~3      # also time the loss as of a git revision
 
 Tiny Qwen2 models built from config (random weights: speed does not depend on them), the demo's data and tokenizer
 (examples/demo_data.py), and the output heads sized to a real vocabulary. The steps are LogitsTrainer.training_step
 (forward + backward, as distil_logits.main runs them; the optimizer step is left out: it is the same for SFT and KD).
 SFT and KD steps alternate on the same batches, so other jobs on the machine slow both alike. With --baseline-rev, the
-same steps also run with common.chunked_distillation_loss taken from that git revision (before/after a change).
+same steps also run with losses.chunked_distillation_loss taken from that git revision (before/after a change).
 
 Ideal ratio (SFT tok/s over KD tok/s) from FLOPs, with 2 FLOPs per parameter per token forward and 6 forward + backward:
 
@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import demo_data  # noqa: E402
+import losses  # noqa: E402
 import distil_logits  # noqa: E402
 
 OUTPUT = os.path.join(HERE, "output")
@@ -132,13 +133,13 @@ def make_trainer(run: dict, train_dataset, tokenizer, vocab_size: int):
 
 @contextlib.contextmanager
 def loss_implementation(function):
-    """Swap common.chunked_distillation_loss (which the patched student forward calls) for `function`."""
-    original = common.chunked_distillation_loss
-    common.chunked_distillation_loss = function or original
+    """Swap losses.chunked_distillation_loss (which the patched student forward calls) for `function`."""
+    original = losses.chunked_distillation_loss
+    losses.chunked_distillation_loss = function or original
     try:
         yield
     finally:
-        common.chunked_distillation_loss = original
+        losses.chunked_distillation_loss = original
 
 
 def backbone_parameters(model) -> int:
@@ -162,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help=f"timed steps per configuration (default {config['steps']})")
     parser.add_argument("--threads", type=int, help=f"torch threads (default {config['threads']})")
-    parser.add_argument("--baseline-rev", help="also time common.py's chunked loss as of this git revision")
+    parser.add_argument("--baseline-rev", help="also time the chunked loss as of this git revision")
     parser.add_argument("--output", default=OUTPUT)
     args = parser.parse_args()
     settings = dict(config)
@@ -183,13 +184,13 @@ def main() -> None:
     vocab_size = settings["vocab"]
     trainers = {"sft": make_trainer(sft_run, train_dataset, tokenizer, vocab_size),
                 "kd": make_trainer(kd_run, train_dataset, tokenizer, vocab_size)}
-    implementations = {"common.py": None}
+    implementations = {"losses.py": None}
     if args.baseline_rev:
         from loss_bench import module_at_revision
 
         revision = subprocess.run(["git", "rev-parse", "--short", args.baseline_rev], cwd=ROOT, capture_output=True,
                                   text=True, check=True).stdout.strip()
-        implementations[f"common.py@{revision}"] = module_at_revision(revision).chunked_distillation_loss
+        implementations[f"loss@{revision}"] = module_at_revision(revision).chunked_distillation_loss
     dataloader = iter(trainers["sft"].get_train_dataloader())
     total = settings["warmup_steps"] + settings["steps"]
     batches = [next(dataloader) for _ in range(total)]

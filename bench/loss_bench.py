@@ -3,13 +3,14 @@
     python bench/loss_bench.py                       # everything (~7 min on 2 CPU cores); writes bench/output/
     python bench/loss_bench.py --sizes 32k --variants chunked,floor --repeats 5    # a subset
     python bench/loss_bench.py --sizes 32k --memory-budget-mb 256 --output bench/output/budget256   # smaller chunks
-    python bench/loss_bench.py --baseline-rev 88ec887~1   # adds chunked@REV: common.py's loss as of a git revision
+    python bench/loss_bench.py --baseline-rev HEAD~3      # adds chunked@REV: the loss as of a git revision
 
 Variants (inputs: student hidden (T, Hs) and head (V, Hs) with gradients, teacher hidden (T, Ht) and head (V, Ht),
 targets (T,); float32 on the CPU, bf16 on CUDA):
-  full_logits       (T, V) logits of both models, then common.logit_distillation_loss + common.causal_lm_loss
-  chunked           common.chunked_distillation_loss (this project), its default memory budget (--memory-budget-mb)
-  chunked@REV       the same function from common.py as of git revision REV (--baseline-rev), for before/after
+  full_logits       (T, V) logits of both models, then losses.logit_distillation_loss + losses.causal_lm_loss
+  chunked           losses.chunked_distillation_loss (this project), its default memory budget (--memory-budget-mb)
+  chunked@REV       the same function as of git revision REV (--baseline-rev; losses.py, or common.py before the
+                    loss had a module of its own), for before/after
   liger             Liger-Kernel 0.8.5 LigerFusedLinearJSDLoss, beta=0 (forward KL), its defaults (torch.compile on,
                     1024-token chunks); its soft loss is KL at temperature T without the T^2 factor
   liger_eager       the same with compiled=False (32k size only)
@@ -212,11 +213,16 @@ def floor_function():
 
 
 def module_at_revision(revision: str) -> types.ModuleType:
-    """common.py as of a git revision, loaded as its own module (it imports nothing of this repository)."""
-    source = subprocess.run(["git", "show", f"{revision}:common.py"], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout
-    module = types.ModuleType(f"common_at_{revision}")
-    exec(compile(source, f"common.py@{revision}", "exec"), module.__dict__)
+    """The loss module as of a git revision (losses.py, or common.py before the split), loaded as its own module. Its
+    imports of this repository's other modules resolve to the working tree's."""
+    for path in ("losses.py", "common.py"):
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"revision {revision} has neither losses.py nor common.py")
+    module = types.ModuleType(f"loss_at_{revision}")
+    exec(compile(shown.stdout, f"{path}@{revision}", "exec"), module.__dict__)
     return module
 
 
@@ -225,7 +231,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     import torch
     import torch.nn.functional as F
 
-    import common
+    import losses
 
     hs, ws, ht, wt, targets = (inputs[k] for k in ("student_hidden", "student_weight", "teacher_hidden",
                                                    "teacher_weight", "targets"))
@@ -235,7 +241,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     student_head = types.SimpleNamespace(weight=ws, bias=None)
     teacher_head = types.SimpleNamespace(weight=wt, bias=None)
     budget = settings["memory_budget_mb"]
-    chunk = common.chunk_tokens_for_budget(vocab, budget)
+    chunk = losses.chunk_tokens_for_budget(vocab, budget)
 
     if name == "full_logits":
         # One extra row at the end so that the causal shift of the reference functions counts all T positions.
@@ -245,20 +251,21 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
             student_logits = F.pad(hs, (0, 0, 0, 1))[None] @ ws.t()
             with torch.no_grad():
                 teacher_logits = F.pad(ht, (0, 0, 0, 1))[None] @ wt.t()
-            kd = common.logit_distillation_loss(student_logits, teacher_logits, labels, divergence, temperature)
-            ce = common.causal_lm_loss(student_logits, labels)
+            kd = losses.logit_distillation_loss(student_logits, teacher_logits, labels, divergence, temperature)
+            ce = losses.causal_lm_loss(student_logits, labels)
             return kd_weight * kd + ce_weight * ce
 
         return run, {"chunk_tokens": hs.shape[0]}
 
     if name == "chunked" or name.startswith("chunked@"):
-        module = common if name == "chunked" else module_at_revision(name.split("@", 1)[1])
+        module = losses if name == "chunked" else module_at_revision(name.split("@", 1)[1])
         loss_function = module.chunked_distillation_loss
         facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget)}
-        if hasattr(module, "row_block_tokens"):
+        block_tokens = getattr(module, "block_tokens", getattr(module, "row_block_tokens", None))
+        if block_tokens is not None:
             if settings.get("block_kib"):
                 module.CPU_BLOCK_BYTES = int(settings["block_kib"] * 1024)
-            facts["row_block_tokens"] = min(facts["chunk_tokens"], module.row_block_tokens(vocab, hs.device))
+            facts["block_tokens"] = min(facts["chunk_tokens"], block_tokens(vocab, hs.device))
 
         def run():
             loss, _kd, _ce = loss_function(hs, student_head, ht, teacher_head, targets, kd_weight, ce_weight,
@@ -416,8 +423,8 @@ def table(results: list[dict]) -> str:
                          f"not run: {r['error']} |")
             continue
         chunk = str(r.get("chunk_tokens", "-"))
-        if "row_block_tokens" in r:
-            chunk += f" (rows of {r['row_block_tokens']})"
+        if "block_tokens" in r:
+            chunk += f" (blocks of {r['block_tokens']} tokens)"
         if "vocab_chunk" in r:
             chunk += f" x {r['vocab_chunk']} vocab"
         get = lambda other, key: other[key] if other else None  # noqa: E731
@@ -476,15 +483,15 @@ def plot(all_results: dict, path: str) -> None:
 
 
 def checkout() -> str:
-    """The checkout's commit, and whether common.py differs from it."""
+    """The checkout's commit, and whether losses.py differs from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "common.py"], cwd=ROOT, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "losses.py"], cwd=ROOT, capture_output=True,
                                text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
-    return f"commit {head}" + (" with common.py modified" if dirty else "")
+    return f"commit {head}" + (" with losses.py modified" if dirty else "")
 
 
 def machine() -> str:
@@ -508,9 +515,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed steps per variant (default: per size in config)")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {config['warmup']})")
     parser.add_argument("--threads", type=int, help="torch threads in each variant's process (default: torch's)")
-    parser.add_argument("--baseline-rev", help="also run chunked@REV: common.py's chunked loss at this git revision")
+    parser.add_argument("--baseline-rev", help="also run chunked@REV: the chunked loss at this git revision")
     parser.add_argument("--block-kib", type=float, help="chunked: KiB per row-block temporary on the CPU "
-                        "(common.CPU_BLOCK_BYTES)")
+                        "(losses.CPU_BLOCK_BYTES)")
     parser.add_argument("--memory-budget-mb", type=float, default=config["memory_budget_mb"],
                         help="memory_budget_mb of chunked (and chunked@REV), which also sets floor's chunk")
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times, alternating the "

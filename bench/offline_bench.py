@@ -1,4 +1,4 @@
-"""Offline-capture record: bytes per position and reconstruction error of common.TopKCodec.
+"""Offline-capture record: bytes per position and reconstruction error of offline.TopKCodec.
 
     python bench/offline_bench.py            # k = 64, V = 151,936 (Qwen2), synthetic teacher distributions
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import TopKCodec, teacher_topk  # noqa: E402
+from losses import topk_distribution  # noqa: E402
+from offline import TopKCodec  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         for temperature in (1.0, 2.0):
             log_probs_full = torch.log_softmax(logits / temperature, -1)
             entropy = -(log_probs_full.exp() * log_probs_full).sum(-1).mean().item()
-            ids, log_probs, tail = teacher_topk(logits, args.k, temperature)
+            ids, log_probs, tail = topk_distribution(logits, args.k, temperature)
             start = time.perf_counter()
             records = codec.encode(ids.numpy(), log_probs.numpy())
             middle = time.perf_counter()

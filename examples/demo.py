@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import demo_data  # noqa: E402
 import distil_hidden  # noqa: E402
 import distil_logits  # noqa: E402
-from common import causal_lm_loss, tokenize_row  # noqa: E402
+from common import tokenize_row  # noqa: E402
+from losses import causal_lm_loss  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache")
 OUTPUT = os.path.join(HERE, "output")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distil_logits
-from common import (
+from losses import (
     DIVERGENCES,
     causal_lm_loss,
     chunk_tokens_for_budget,
@@ -23,7 +23,7 @@ def transform(x, scale, softcap):
 
 
 def reference(student_hidden, student_head, teacher_hidden, teacher_head, labels, kd_weight, ce_weight, **kw):
-    """Full logits for a (batch, seq) layout, then the reference functions of common.py."""
+    """Full logits for a (batch, seq) layout, then the reference functions of losses.py."""
     student_logits = transform(student_head(student_hidden), kw["scale"], kw["softcap"])
     teacher_logits = transform(teacher_head(teacher_hidden), 1.3, kw["softcap"])
     kd = logit_distillation_loss(student_logits, teacher_logits, labels, kw["divergence"], kw["temperature"],
@@ -39,16 +39,16 @@ def relative_error(a, b):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature,softcap,scale,bias", [(1.0, None, 1.0, False), (2.0, None, 0.5, True),
                                                             (0.7, 4.0, 1.0, True)])
-@pytest.mark.parametrize("row_block", [None, 5])
-def test_chunked_equals_reference(divergence, temperature, softcap, scale, bias, row_block, monkeypatch):
-    import common
+@pytest.mark.parametrize("token_block", [None, 5])
+def test_chunked_equals_reference(divergence, temperature, softcap, scale, bias, token_block, monkeypatch):
+    import losses
 
-    if row_block:  # softmax arithmetic on blocks of 5 rows inside each chunk, as it runs on large vocabularies
-        monkeypatch.setattr(common, "CPU_BLOCK_BYTES", row_block * 4 * 96)
+    if token_block:  # softmax arithmetic on blocks of 5 tokens inside each chunk, as it runs on large vocabularies
+        monkeypatch.setattr(losses, "CPU_BLOCK_BYTES", token_block * 4 * 96)
     torch.manual_seed(0)
-    batch, seq, student_size, teacher_size, rows, teacher_rows, vocab = 3, 29, 16, 24, 96, 128, 80
-    student_head = torch.nn.Linear(student_size, rows, bias=bias)
-    teacher_head = torch.nn.Linear(teacher_size, teacher_rows, bias=True)
+    batch, seq, student_size, teacher_size, head_size, teacher_head_size, vocab = 3, 29, 16, 24, 96, 128, 80
+    student_head = torch.nn.Linear(student_size, head_size, bias=bias)
+    teacher_head = torch.nn.Linear(teacher_size, teacher_head_size, bias=True)
     with torch.no_grad():
         teacher_head.weight.mul_(3)
     student_hidden = torch.randn(batch, seq, student_size, requires_grad=True)
@@ -125,12 +125,12 @@ def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from common import add_distillation_forward, add_final_hidden_forward, teacher_hidden_at_counted_positions
+    from losses import add_distillation_forward, add_hidden_states_forward, student_loss, teacher_hidden_at_counted_positions
 
     student = AutoModelForCausalLM.from_pretrained(assets["student"]).eval()
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
     add_distillation_forward(student)
-    add_final_hidden_forward(teacher)
+    add_hidden_states_forward(teacher)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for length in (9, 14, 6):
@@ -141,11 +141,11 @@ def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
         labels = batch.pop("labels")
         batch["use_cache"] = False
         with torch.no_grad():
-            teacher_hidden = teacher_hidden_at_counted_positions(teacher, batch, labels)
-            return student(**batch, distillation={
-                "labels": labels, "teacher_hidden": teacher_hidden, "teacher_head": teacher.get_output_embeddings(),
-                "kd_weight": 0.5, "ce_weight": 0.5, "num_items_in_batch": 30, "temperature": 2.0,
-                "vocab_size": assets["vocab"]})
+            teacher_hidden = teacher_hidden_at_counted_positions(teacher, batch, labels, 3)
+            return student_loss(
+                student, batch, labels, teacher_hidden=teacher_hidden, teacher_head=teacher.get_output_embeddings(),
+                teacher_transform=(1.0, None), kd_weight=0.5, ce_weight=0.5, num_items_in_batch=30,
+                divergence="forward_kl", temperature=2.0, vocab_size=assets["vocab"], memory_budget_mb=512)
 
     padded = loss_of(DataCollatorForLanguageModeling(pad_token_id=0)(rows))
     packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)

@@ -20,20 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_hidden
-from common import (
-    CHATML_TEMPLATE,
-    ConfigError,
-    PairedCollator,
-    add_hidden_layers_forward,
-    align_tokenizations,
-    build_projections,
-    load_projections,
-    resolve_layer_map,
-    token_boundaries,
-    tokenize_row,
-    tokenize_row_pair,
-    uniform_layer_map,
-)
+from alignment import PairedCollator, align_tokenizations, token_boundaries, tokenize_row_pair
+from common import CHATML_TEMPLATE, ConfigError, tokenize_row
+from losses import add_hidden_states_forward, hidden_state_loss
+from projections import build_projections, load_projections, resolve_layer_map, uniform_layer_map
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,16 +222,16 @@ def test_hidden_state_loss_matches_the_formula():
     student = [torch.randn(5, 8), torch.randn(5, 8)]
     teacher = [torch.randn(5, 8), torch.randn(5, 8)]
     mse = sum(((s - t) ** 2).mean(-1).sum() for s, t in zip(student, teacher)) / (5 * 2)
-    torch.testing.assert_close(distil_hidden.hidden_state_loss(student, teacher, "mse"), mse)
+    torch.testing.assert_close(hidden_state_loss(student, teacher, "mse"), mse)
     cosine = sum((1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).sum() for s, t in zip(student, teacher))
-    torch.testing.assert_close(distil_hidden.hidden_state_loss(student, teacher, "cosine"), cosine / (5 * 2))
+    torch.testing.assert_close(hidden_state_loss(student, teacher, "cosine"), cosine / (5 * 2))
     # Normalised by the optimizer step's positions (here 20), not this batch's 5.
-    torch.testing.assert_close(distil_hidden.hidden_state_loss(student, teacher, "mse", num_positions=20), mse / 4)
+    torch.testing.assert_close(hidden_state_loss(student, teacher, "mse", num_positions=20), mse / 4)
 
 
 def test_teacher_returns_only_the_mapped_hidden_states(assets):
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
-    add_hidden_layers_forward(teacher)
+    add_hidden_states_forward(teacher)
     input_ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         selected = teacher(input_ids=input_ids, hidden_layers=[1, 3])

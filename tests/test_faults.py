@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import common
 import distil_logits
+import losses
 from common import TrainingDivergedError, resolve_resume_checkpoint
 
 SLOW_RUN = """
@@ -92,7 +93,7 @@ def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path, capsys):
 
 
 def test_nan_loss_stops_naming_step_and_term(assets, tmp_path, monkeypatch):
-    original = common.chunked_distillation_loss
+    original = losses.chunked_distillation_loss
     calls = {"train": 0}
 
     def poisoned(*args, **kwargs):
@@ -103,7 +104,7 @@ def test_nan_loss_stops_naming_step_and_term(assets, tmp_path, monkeypatch):
                 return loss * math.nan, kd_loss * math.nan, ce_loss
         return loss, kd_loss, ce_loss
 
-    monkeypatch.setattr(common, "chunked_distillation_loss", poisoned)
+    monkeypatch.setattr(losses, "chunked_distillation_loss", poisoned)
     out = str(tmp_path / "out")
     config = tiny_config(assets, out)
     config["training"].update(max_steps=5, save_steps=2)

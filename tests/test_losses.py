@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from common import DIVERGENCES, ConfigError, causal_lm_loss, logit_distillation_loss, token_divergence
+from common import ConfigError
+from losses import DIVERGENCES, causal_lm_loss, logit_distillation_loss, token_divergence
 
 
 def direct(p: list[float], q: list[float], divergence: str, beta: float, skew: float) -> float:

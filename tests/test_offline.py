@@ -14,19 +14,19 @@ from conftest import tiny_config
 from test_distil_logits import mismatched_student
 
 import distil_logits
-from common import (
+from common import ConfigError
+from losses import (
     DIVERGENCES,
-    ConfigError,
-    TopKCodec,
     causal_lm_loss,
     chunked_distillation_loss,
-    teacher_topk,
     topk_distillation_loss,
+    topk_distribution,
 )
+from offline import TopKCodec
 
 
 def reconstruction_kl(codec, logits, k):
-    ids, log_probs, tail = teacher_topk(logits, k)
+    ids, log_probs, tail = topk_distribution(logits, k)
     got_ids, got_log_probs, got_tail = codec.decode(codec.encode(ids.numpy(), log_probs.numpy()))
     order = np.argsort(ids.numpy(), 1)
     assert (np.take_along_axis(ids.numpy(), order, 1) == got_ids).all()  # ids are exact
@@ -64,7 +64,7 @@ def test_sparse_chunked_loss_equals_reference_on_full_logits(divergence):
     labels = torch.randint(0, 64, (2, 13))
     labels[0, :4] = -100
     mask = labels[:, 1:] != -100
-    ids, log_probs, tail = teacher_topk((torch.randn(2, 13, 64) * 3)[:, :-1][mask], 8, 2.0)
+    ids, log_probs, tail = topk_distribution((torch.randn(2, 13, 64) * 3)[:, :-1][mask], 8, 2.0)
     logits = head(hidden)
     want = 0.6 * topk_distillation_loss(logits, labels, ids, log_probs, tail, divergence, 2.0, 64, 30) + \
         0.4 * causal_lm_loss(logits, labels, 30)
@@ -72,7 +72,7 @@ def test_sparse_chunked_loss_equals_reference_on_full_logits(divergence):
     want_grad = hidden.grad.clone()
     hidden.grad = None
     got, _, _ = chunked_distillation_loss(hidden[:, :-1][mask], head, None, None, labels[:, 1:][mask], 0.6, 0.4, 30,
-                                          divergence, 2.0, 64, teacher_topk=(ids, log_probs, tail), memory_budget_mb=0.01)
+                                          divergence, 2.0, 64, stored_topk=(ids, log_probs, tail), memory_budget_mb=0.01)
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert ((hidden.grad - want_grad).abs().max() / want_grad.abs().max()).item() < 1e-5
@@ -80,13 +80,13 @@ def test_sparse_chunked_loss_equals_reference_on_full_logits(divergence):
 
 def test_topk_loss_with_every_token_equals_the_full_loss():
     """k = V: the top-k loss is the ordinary loss (the tail bucket is empty)."""
-    from common import logit_distillation_loss
+    from losses import logit_distillation_loss
 
     torch.manual_seed(1)
     student, teacher = torch.randn(2, 9, 20), torch.randn(2, 9, 20) * 2
     labels = torch.randint(0, 20, (2, 9))
     mask = labels[:, 1:] != -100
-    ids, log_probs, tail = teacher_topk(teacher[:, :-1][mask], 20, 1.5)
+    ids, log_probs, tail = topk_distribution(teacher[:, :-1][mask], 20, 1.5)
     sparse = topk_distillation_loss(student, labels, ids, log_probs, tail, "forward_kl", 1.5)
     assert sparse.item() == pytest.approx(logit_distillation_loss(student, teacher, labels, "forward_kl", 1.5).item(), rel=1e-5)
 

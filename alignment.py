@@ -1,0 +1,194 @@
+"""Aligning two tokenizations of the same conversation by character offsets: each model renders a row with its own
+chat template and tokenizer, and positions are paired where both tokenizations end a token at the same character of
+a trained span. distil_hidden.py compares hidden states at those pairs; the paired dataset and its collator live here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from common import (
+    ConfigError,
+    assistant_char_spans,
+    counted_positions,
+    dataset_format,
+    load_raw_dataset,
+    prepare_datasets,
+    print_rank0,
+    to_messages,
+    tokenize_row,
+)
+
+
+def token_boundaries(offsets: list[tuple[int, int]]) -> dict[int, int]:
+    """Character offsets at which a tokenization ends a token, mapped to that token's position.
+
+    Token i ends a boundary at offsets[i][1] when it covers text (end > start) and no later token starts before that
+    offset. Byte-level tokenizers split a multi-byte character into several tokens that all carry the character's
+    offsets, so only the last piece ends a boundary. Tokens that cover no text (BOS/EOS added by the tokenizer, with
+    offsets (0, 0)) end none.
+    """
+    boundaries: dict[int, int] = {}
+    next_start = math.inf
+    for position in range(len(offsets) - 1, -1, -1):
+        start, end = offsets[position]
+        if end > start:
+            if next_start >= end:
+                boundaries[end] = position
+            next_start = min(next_start, start)
+    return boundaries
+
+
+def align_tokenizations(
+    student_text: str,
+    student_spans: list[tuple[int, int]],
+    student_offsets: list[tuple[int, int]],
+    teacher_text: str,
+    teacher_spans: list[tuple[int, int]],
+    teacher_offsets: list[tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """(student position, teacher position) pairs whose hidden states are compared, for one row rendered twice.
+
+    Spans are paired in order (the k-th assistant turn of each rendering). Within a span pair, offsets r count from the
+    span's start, and a pair is kept when both tokenizations end a token at r (`token_boundaries`), the text before r
+    is the same in both spans (r <= the length of their common prefix), and text of both spans follows r (r < each
+    span's length). The hidden state at such a position has read the same conversation up to the same character and
+    predicts trained text. With one template and one tokenizer this gives every position whose next token is trained.
+    """
+    if len(student_spans) != len(teacher_spans):
+        raise ConfigError(
+            f"the student's and the teacher's chat templates render different numbers of assistant turns "
+            f"({len(student_spans)} and {len(teacher_spans)}) for the same row. Set tokenizer.student_chat_template and "
+            "tokenizer.teacher_chat_template to templates that render every assistant turn."
+        )
+    student_boundaries, teacher_boundaries = token_boundaries(student_offsets), token_boundaries(teacher_offsets)
+    pairs = []
+    for (student_start, student_end), (teacher_start, teacher_end) in zip(student_spans, teacher_spans):
+        common = len(os.path.commonprefix([student_text[student_start:student_end], teacher_text[teacher_start:teacher_end]]))
+        for r in range(min(common, student_end - student_start - 1, teacher_end - teacher_start - 1) + 1):
+            student_position = student_boundaries.get(student_start + r)
+            teacher_position = teacher_boundaries.get(teacher_start + r)
+            if student_position is not None and teacher_position is not None:
+                pairs.append((student_position, teacher_position))
+    return pairs
+
+
+def rendered_offsets(row: dict, tokenizer, data_format: str, system_prompt: str | None = None):
+    """(text, trained character spans, token offsets) of one row, tokenized exactly as `tokenize_row` does (same text,
+    same special tokens; `tokenize_row` then appends EOS to text rows and truncates)."""
+    if data_format == "text":
+        text = str(row["text"])
+        spans = [(0, len(text))]
+        encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    else:
+        messages = to_messages(row, data_format, system_prompt)
+        if not any(message["role"] == "assistant" for message in messages):
+            return "", [], []
+        text, spans = assistant_char_spans(tokenizer, messages)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if "offset_mapping" not in encoding:
+        raise ConfigError(
+            f"the tokenizer {type(tokenizer).__name__} returns no offset mapping; aligning two tokenizations needs "
+            "character offsets. Use a fast (Rust) tokenizer."
+        )
+    return text, spans, [tuple(offset) for offset in encoding["offset_mapping"]]
+
+
+def tokenize_row_pair(
+    row: dict, student_tokenizer, teacher_tokenizer, data_format: str, max_length: int, system_prompt: str | None = None
+) -> dict:
+    """One row for hidden-state distillation across tokenizers: the student's input_ids and labels (`tokenize_row`),
+    the teacher's teacher_input_ids (the same row rendered with the teacher's own template and tokenizer, truncated to
+    max_length too), and the aligned positions student_positions / teacher_positions (`align_tokenizations`), keeping
+    only pairs that survive truncation on both sides."""
+    student = tokenize_row(row, student_tokenizer, data_format, max_length, system_prompt)
+    teacher = tokenize_row(row, teacher_tokenizer, data_format, max_length, system_prompt)
+    if not student["input_ids"] or not teacher["input_ids"]:
+        return {**student, "teacher_input_ids": teacher["input_ids"], "student_positions": [], "teacher_positions": []}
+    student_text, student_spans, student_offsets = rendered_offsets(row, student_tokenizer, data_format, system_prompt)
+    teacher_text, teacher_spans, teacher_offsets = rendered_offsets(row, teacher_tokenizer, data_format, system_prompt)
+    pairs = [
+        (s, t)
+        for s, t in align_tokenizations(student_text, student_spans, student_offsets, teacher_text, teacher_spans, teacher_offsets)
+        if s < len(student["input_ids"]) and t < len(teacher["input_ids"])
+    ]
+    return {
+        "input_ids": student["input_ids"],
+        "labels": student["labels"],
+        "teacher_input_ids": teacher["input_ids"],
+        "student_positions": [s for s, _ in pairs],
+        "teacher_positions": [t for _, t in pairs],
+    }
+
+
+def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
+    """A conversation dataset needs a chat template for every tokenizer ({'teacher': ..., 'student': ...})."""
+    missing = [which for which, tokenizer in tokenizers.items() if not tokenizer.chat_template]
+    if not missing:
+        return
+    raw = load_raw_dataset(data_config["name"], data_config.get("split", "train"))
+    if dataset_format(raw, data_config.get("format")) != "text":
+        raise ConfigError(
+            f"the {' and '.join(missing)} tokenizer has no chat template to render conversations with. Set "
+            f"tokenizer.{missing[0]}_chat_template (e.g. common.CHATML_TEMPLATE)."
+        )
+
+
+def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokenizer, max_length: int):
+    """`prepare_datasets` for a teacher with another tokenizer or template: the same rows, shuffling, subsampling,
+    dropping and eval split, with each row tokenized by `tokenize_row_pair`. Returns (train, eval or None, stats).
+
+    A training set in which alignment leaves no position to compare is an error (nothing to distil).
+    """
+    name, system_prompt = data_config["name"], data_config.get("system_prompt")
+
+    def tokenize(row: dict, data_format: str) -> dict:
+        return tokenize_row_pair(row, student_tokenizer, teacher_tokenizer, data_format, max_length, system_prompt)
+
+    train, evaluation, stats = prepare_datasets(data_config, student_tokenizer, max_length, tokenize,
+                                                description="Tokenizing for student and teacher")
+    aligned = sum(len(positions) for positions in train["student_positions"])
+    trained = sum(counted_positions(labels) for labels in train["labels"])
+    if aligned == 0:
+        raise ConfigError(
+            f"aligning the teacher's and the student's tokenizations of '{name}' leaves no position to compare: no "
+            "trained span has a character offset where both end a token (check the chat templates, and raise "
+            "tokenizer.max_length if the teacher's rendering is truncated before the assistant turns)."
+        )
+    stats.update(aligned_positions=aligned, trained_tokens=trained)
+    print_rank0(f"alignment: {aligned} compared positions, {100 * aligned / max(trained, 1):.0f}% of the student's "
+                "predicting positions have a teacher position")
+    return train, evaluation, stats
+
+
+class PairedCollator:
+    """Pads a batch of `tokenize_row_pair` rows on the right: input_ids / attention_mask / labels for the student,
+    teacher_input_ids / teacher_attention_mask for the teacher, and student_positions / teacher_positions padded
+    with -1 (not a position)."""
+
+    def __init__(self, student_pad_id: int, teacher_pad_id: int):
+        self.student_pad_id, self.teacher_pad_id = student_pad_id, teacher_pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from torch.nn.utils.rnn import pad_sequence
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return pad_sequence([torch.tensor(row[key], dtype=torch.long) for row in rows], batch_first=True, padding_value=value)
+
+        def mask(key: str) -> torch.Tensor:
+            return pad_sequence([torch.ones(len(row[key]), dtype=torch.long) for row in rows], batch_first=True)
+
+        return {
+            "input_ids": pad("input_ids", self.student_pad_id),
+            "attention_mask": mask("input_ids"),
+            "labels": pad("labels", -100),
+            "teacher_input_ids": pad("teacher_input_ids", self.teacher_pad_id),
+            "teacher_attention_mask": mask("teacher_input_ids"),
+            "student_positions": pad("student_positions", -1),
+            "teacher_positions": pad("teacher_positions", -1),
+        }
+
+

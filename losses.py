@@ -1,0 +1,627 @@
+"""The losses: reference formulas on full logits first (short, testable, what the kernel must equal), then the
+chunked kernel that computes the same values from hidden states and output-head weights without ever holding the
+(tokens, vocab) logits, and the forward patches that run it inside the model's forward.
+
+Notation used throughout: p is the teacher's next-token distribution, q the student's, both softmax(logits[:V] / T)
+over the real vocabulary V (padded head rows are dropped, never zero-filled); a position counts when its next-token
+label is not -100; N is the number of counted tokens in the whole optimizer step (over accumulated micro-batches and
+processes), the same normaliser the Trainer gives the cross-entropy as `num_items_in_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+from common import ConfigError, next_token_mask
+from projections import projection_key
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+HIDDEN_LOSSES = ("mse", "cosine")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference formulas
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _mixture_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, with 0 * log 0 = 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def token_divergence(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str, beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
+    """Per-row divergence between teacher distribution p and student distribution q, given as log-probabilities of
+    shape (N, V). Returns shape (N,).
+
+    forward_kl      KL(p || q) = sum_v p_v (log p_v - log q_v)
+    reverse_kl      KL(q || p)
+    jsd             beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta * p + (1 - beta) * q   (beta in (0, 1))
+    tvd             0.5 * sum_v |p_v - q_v|
+    skew_forward_kl KL(p || skew * p + (1 - skew) * q)                                            (DistiLLM, skew in (0, 1))
+    skew_reverse_kl KL(q || skew * q + (1 - skew) * p)
+    """
+    log_p, log_q = teacher_log_probs, student_log_probs
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl(log_q, log_p)
+    if divergence == "jsd":
+        log_m = _mixture_log_probs(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "skew_forward_kl":
+        return _kl(log_p, _mixture_log_probs(log_p, log_q, skew))
+    if divergence == "skew_reverse_kl":
+        return _kl(log_q, _mixture_log_probs(log_q, log_p, skew))
+    raise ConfigError(f"unknown divergence '{divergence}'; choose one of {', '.join(DIVERGENCES)}.")
+
+
+def per_item_mean(total: torch.Tensor, num_items: int | torch.Tensor) -> torch.Tensor:
+    """total / num_items, with num_items at least 1: the one normaliser of every loss here."""
+    return total / torch.as_tensor(num_items, device=total.device).clamp(min=1)
+
+
+def logit_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Knowledge-distillation loss from full logits (batch, seq, vocab) of student and teacher.
+
+        KD = T^2 / N * sum_{i : labels[i+1] != -100} D(softmax(t_i[:V] / T), softmax(s_i[:V] / T))
+
+    where D is `token_divergence`, V = `vocab_size` and N = `num_items_in_batch` or, when None, the counted tokens of
+    this batch. Softmax math runs in float32.
+    """
+    mask = next_token_mask(labels)
+    vocab_size = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    # Select counted positions before the float32 upcast: the (tokens, vocab) copies are the memory bill.
+    student = student_logits[:, :-1][mask][:, :vocab_size].float() / temperature
+    teacher = teacher_logits[:, :-1][mask][:, :vocab_size].float() / temperature
+    per_token = token_divergence(F.log_softmax(student, -1), F.log_softmax(teacher, -1), divergence, beta, skew)
+    return per_item_mean(per_token.sum() * temperature**2, mask.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def causal_lm_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy over the counted positions, summed in float32 and divided by N as in
+    `logit_distillation_loss` (so the two mix consistently under gradient accumulation)."""
+    mask = next_token_mask(labels)
+    logits = student_logits[:, :-1][mask].float()
+    total = F.cross_entropy(logits, labels[:, 1:][mask], reduction="sum")
+    return per_item_mean(total, mask.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def topk_bucket_divergence(
+    student_scaled_logits: torch.Tensor, ids: torch.Tensor, teacher_log_probs: torch.Tensor, tail: torch.Tensor,
+    divergence: str, beta: float = 0.5, skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-row divergence on k + 1 buckets: the teacher's k stored tokens, and one bucket for all other tokens.
+
+    Teacher buckets: exp(teacher_log_probs) and `tail` (its mass outside the top-k). Student buckets: q at the same
+    ids, and q_rest = the student's mass on every other token, computed as a log-sum-exp over those tokens (not
+    1 - sum, which cancels catastrophically when the top-k holds nearly everything). `student_scaled_logits` are the
+    student's logits over the real vocabulary divided by the temperature. Returns shape (N,).
+    """
+    log_normaliser = torch.logsumexp(student_scaled_logits, -1, keepdim=True)
+    student_topk = student_scaled_logits.gather(1, ids) - log_normaliser
+    others = student_scaled_logits.scatter(1, ids, float("-inf"))
+    student_rest = torch.logsumexp(others, -1, keepdim=True) - log_normaliser
+    student_buckets = torch.cat([student_topk, student_rest], 1)
+    teacher_buckets = torch.cat([teacher_log_probs, tail.clamp(min=0).log()[:, None]], 1)
+    return token_divergence(student_buckets, teacher_buckets, divergence, beta, skew)
+
+
+def topk_distribution(logits: torch.Tensor, k: int, temperature: float = 1.0, vocab_size: int | None = None):
+    """The top-k of softmax(logits[:, :V] / T) for logits (N, V): (ids (N, k), log-probabilities (N, k), tail (N,)),
+    the tail being the mass outside the top-k. This is what an offline capture stores (before quantisation)."""
+    vocab_size = vocab_size or logits.shape[-1]
+    log_probs = F.log_softmax(logits[:, :vocab_size].float() / temperature, -1)
+    top_log_probs, ids = log_probs.topk(k, -1)
+    if k == vocab_size:
+        return ids, top_log_probs, torch.zeros_like(top_log_probs[:, 0])
+    # The tail as a log-sum-exp over the other tokens, for the same reason as in topk_bucket_divergence.
+    tail = torch.logsumexp(log_probs.scatter(1, ids, float("-inf")), -1).exp()
+    return ids, top_log_probs, tail
+
+
+def topk_distillation_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, teacher_log_probs: torch.Tensor,
+    tail: torch.Tensor, divergence: str = "forward_kl", temperature: float = 1.0, vocab_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None, beta: float = 0.5, skew: float = 0.1,
+) -> torch.Tensor:
+    """Offline KD from full student logits (batch, seq, vocab): T^2 / N * sum over counted positions of
+    `topk_bucket_divergence`, the teacher's top-k given at the counted positions in order."""
+    mask = next_token_mask(labels)
+    vocab_size = vocab_size or student_logits.shape[-1]
+    student = student_logits[:, :-1][mask][:, :vocab_size].float() / temperature
+    per_token = topk_bucket_divergence(student, ids, teacher_log_probs, tail, divergence, beta, skew)
+    return per_item_mean(per_token.sum() * temperature**2, mask.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def hidden_state_loss(
+    student_projected: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    loss: str = "mse",
+    num_positions: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hidden-state loss over L mapped layer pairs and the aligned positions:
+
+        H = 1 / (N * L) * sum_l sum_k d(P_l(s_l,k), t_l,k)
+
+    student_projected[l]: the student's states of pair l at the aligned positions after the pair's projection P_l,
+    shape (n, d_t); teacher_hidden[l]: the teacher's states of pair l at the same positions, (n, d_t). d is the mean
+    over the d_t units of the squared difference (mse), or 1 - cosine similarity (cosine). N is `num_positions` (the
+    aligned positions of the whole optimizer step) or, when None, n. Computed in float32.
+    """
+    total = student_projected[0].new_zeros((), dtype=torch.float32)
+    for projected, target in zip(student_projected, teacher_hidden):
+        projected, target = projected.float(), target.to(projected.device).float()
+        if loss == "mse":
+            total = total + (projected - target).pow(2).mean(-1).sum()
+        elif loss == "cosine":
+            total = total + (1 - F.cosine_similarity(projected, target, dim=-1)).sum()
+        else:
+            raise ConfigError(f"unknown hidden-state loss '{loss}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
+    num_positions = student_projected[0].shape[0] if num_positions is None else num_positions
+    return per_item_mean(total, torch.as_tensor(num_positions, device=total.device).clamp(min=1) * len(student_projected))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output heads: what a model does between its last hidden state and its logits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def head_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) that the model applies between its output head and its logits:
+    logits = softcap * tanh(scale * (h W^T + b) / softcap), or scale * (h W^T + b) without soft-capping."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None):
+        scale = 1.0 / text_config.logits_scaling  # Granite divides its logits by logits_scaling
+    return float(1.0 if scale is None else scale), getattr(text_config, "final_logit_softcapping", None)
+
+
+def transform_logits_(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor | None:
+    """Apply logits = softcap * tanh(scale * raw / softcap) (or scale * raw) in place; return d logits / d raw when it
+    is not a constant."""
+    if softcap is None:
+        if scale != 1.0:
+            logits.mul_(scale)
+        return None
+    capped = logits.mul_(scale / softcap).tanh_()
+    slope = (1 - capped.square()).mul_(scale)
+    capped.mul_(softcap)
+    return slope
+
+
+def head_logits(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None]) -> torch.Tensor:
+    """float32 logits of a few rows of hidden states, exactly as the chunked loss builds them (no gradient)."""
+    logits = hidden @ head.weight.t()
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias
+    logits = logits.float()
+    transform_logits_(logits, *transform)
+    return logits
+
+
+def full_head_tensors(head: torch.nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of an output head; FSDP2 shards them as DTensors, gathered here (differentiably) for the loss."""
+    if head is None:
+        return None, None
+    weight, bias = head.weight, getattr(head, "bias", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return weight, bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The chunked kernel: the same loss chunk by chunk over tokens, gradients computed during the forward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def chunk_tokens_for_budget(vocab: int, memory_budget_mb: float, copies: int = 8) -> int:
+    """Tokens per chunk so that the chunk's float32 (tokens, vocab) temporaries fit in the budget.
+
+    One chunk holds about `copies` float32 arrays of (chunk, vocab): student and teacher logits, both log-softmaxes,
+    their probabilities and the logit gradient. chunk = budget / (copies * 4 bytes * vocab), at least 16 and a
+    multiple of 16 so the matrix products keep an efficient shape.
+    """
+    chunk = int(memory_budget_mb * 2**20 / (copies * 4 * vocab))
+    return max(16, chunk // 16 * 16)
+
+
+# Bytes of one float32 (block, vocab) temporary on the CPU; a block holds 2 (the two log-softmaxes) besides its rows
+# of the two logit buffers. Smaller blocks stay in cache but multiply the operations, each a parallel region whose
+# threads must all meet; 1 to 16 MiB measured within ~5% of each other (bench/loss_bench.py --block-kib).
+CPU_BLOCK_BYTES = 8 * 2**20
+
+
+def block_tokens(vocab: int, device: torch.device) -> int:
+    """Tokens of a chunk processed together by the softmax arithmetic: CPU_BLOCK_BYTES per float32 temporary on the
+    CPU, unlimited on CUDA (where per-kernel launch cost dominates and a chunk is already sized for memory)."""
+    if device.type != "cpu":
+        return 1 << 30
+    return max(1, CPU_BLOCK_BYTES // (4 * vocab))
+
+
+def _addmm_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """accumulator (float32) += a @ b without a rounded or temporary (vocab, hidden) product."""
+    if a.dtype == torch.float32:
+        accumulator.addmm_(a, b.float())
+    elif accumulator.device.type == "cuda":
+        torch.addmm(accumulator, a, b, out_dtype=torch.float32, out=accumulator)
+    else:
+        accumulator.addmm_(a.float(), b.float())
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """Everything the kernel needs besides its tensors (see `chunked_distillation_loss` for the meaning)."""
+
+    kd_weight: float
+    ce_weight: float
+    num_items_in_batch: int | torch.Tensor
+    divergence: str
+    temperature: float
+    vocab_size: int
+    beta: float
+    skew: float
+    student_transform: tuple[float, float | None]
+    teacher_transform: tuple[float, float | None]
+    chunk_tokens: int
+    stored_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def _kd_against_teacher(scaled: torch.Tensor, teacher_block: torch.Tensor, settings: LossSettings,
+                        needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KD summed over one block of tokens, and its gradient d sum / d (s / T) (None without gradients).
+
+    `scaled` is the student's block over the real vocabulary, already divided by T; `teacher_block` the teacher's raw
+    logits (float32). Both are overwritten. Forward and reverse KL use closed forms that need no (block, vocab)
+    temporary beyond the two log-softmaxes; the other divergences differentiate `token_divergence` with autograd.
+    """
+    transform_logits_(teacher_block, *settings.teacher_transform)
+    vocab, temperature = settings.vocab_size, settings.temperature
+    log_p = F.log_softmax(teacher_block[:, :vocab].div_(temperature), -1)
+    if settings.divergence not in ("forward_kl", "reverse_kl"):
+        with torch.enable_grad():
+            leaf = scaled.detach().requires_grad_(needs_grad)
+            block_sum = token_divergence(F.log_softmax(leaf, -1), log_p, settings.divergence, settings.beta,
+                                         settings.skew).sum()
+            grad = torch.autograd.grad(block_sum, leaf)[0] if needs_grad else None
+        return block_sum.detach(), grad
+    # log q over the scaled logits and q over the teacher's logits (free once log p is taken).
+    q = teacher_block[:, :vocab]
+    top = scaled.amax(-1, keepdim=True)
+    total = torch.sub(scaled, top, out=q).exp_().sum(-1, keepdim=True)
+    q.div_(total)
+    log_q = scaled.sub_(total.log_().add_(top))
+    if settings.divergence == "forward_kl":
+        diff = torch.sub(log_p, log_q, out=log_q)
+        p = log_p.exp_()
+        block_sum = torch.einsum("ij,ij->i", p, diff).sum()
+        return block_sum, (q.sub_(p) if needs_grad else None)  # dKL(p||q)/d(s/T) = q - p
+    diff = torch.sub(log_q, log_p, out=log_p)
+    per_token = torch.einsum("ij,ij->i", q, diff)[:, None]
+    # dKL(q||p)/d(s/T) = q * (log q - log p - KL)
+    return per_token.sum(), (diff.sub_(per_token).mul_(q) if needs_grad else None)
+
+
+def _kd_against_stored_topk(scaled: torch.Tensor, stored: tuple, settings: LossSettings,
+                            needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KD summed over one block against the teacher's stored top-k buckets, and d sum / d (s / T)."""
+    ids, teacher_log_probs, tail = stored
+    with torch.enable_grad():
+        leaf = scaled.detach().requires_grad_(needs_grad)
+        block_sum = topk_bucket_divergence(leaf, ids, teacher_log_probs, tail, settings.divergence, settings.beta,
+                                           settings.skew).sum()
+        grad = torch.autograd.grad(block_sum, leaf)[0] if needs_grad else None
+    return block_sum.detach(), grad
+
+
+def _write_logit_gradient(raw, s, log_probs, targets, grad_kd, slope, kd_weight, ce_weight, scale) -> None:
+    """Overwrite the block's logits `raw` with d loss / d raw logits: softmax(s) - onehot(target) for CE, plus the KD
+    gradient, through the head transform's slope."""
+    grad = torch.exp(log_probs, out=s).mul_(ce_weight)
+    grad[torch.arange(s.shape[0], device=s.device), targets] -= ce_weight
+    if grad_kd is not None:
+        grad[:, : grad_kd.shape[1]].addcmul_(grad_kd, kd_weight)
+    if slope is not None:
+        grad.mul_(slope)
+    elif scale != 1.0:
+        grad.mul_(scale)
+    if grad is not raw:
+        raw.copy_(grad)
+
+
+class _ChunkedDistillationLoss(torch.autograd.Function):
+    """kd_weight * KD + ce_weight * CE from hidden states, gradients computed chunk by chunk during the forward.
+
+    Memory: two (chunk, vocab) logit buffers, one per head, allocated once per call and reused by every chunk; the
+    student's is overwritten in place with d loss / d logits. When the head is float32, `buffer.float()` is the buffer
+    itself, so the softmax arithmetic writes over it too; in lower precision it works on a float32 copy of each block.
+    The softmax arithmetic runs on blocks of tokens (`block_tokens`) so that it stays in the CPU's cache.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                targets, settings: LossSettings):
+        needs_grad = student_hidden.requires_grad or student_weight.requires_grad
+        device, tokens, temperature = student_hidden.device, student_hidden.shape[0], settings.temperature
+        num_items_in_batch = torch.as_tensor(settings.num_items_in_batch, dtype=torch.float32, device=device).clamp(min=1)
+        use_teacher = settings.kd_weight != 0 and settings.stored_topk is None
+        use_topk = settings.kd_weight != 0 and settings.stored_topk is not None
+        kd_weight = settings.kd_weight * temperature / num_items_in_batch  # d(T^2 * D)/ds = T * dD/d(s/T)
+        ce_weight = settings.ce_weight / num_items_in_batch
+        kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+        ce_sum = torch.zeros_like(kd_sum)
+        chunk = min(settings.chunk_tokens, max(tokens, 1))
+        student_logits = torch.empty((chunk, student_weight.shape[0]), dtype=student_weight.dtype, device=device)
+        teacher_logits = (torch.empty((chunk, teacher_weight.shape[0]), dtype=teacher_weight.dtype, device=device)
+                          if use_teacher else None)
+        if needs_grad:
+            grad_hidden = torch.empty_like(student_hidden)
+            grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
+            grad_bias = None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
+        block = block_tokens(student_weight.shape[0], device)
+        for start in range(0, tokens, chunk):
+            end = min(start + chunk, tokens)
+            hidden, logits = student_hidden[start:end], student_logits[: end - start]
+            _project(hidden, student_weight, student_bias, logits)
+            if use_teacher:
+                teacher = _project(teacher_hidden[start:end], teacher_weight, teacher_bias, teacher_logits[: end - start])
+            for first in range(0, end - start, block):
+                last = min(first + block, end - start)
+                raw = logits[first:last]
+                s = raw.float()  # a view when the head is float32: the gradient then overwrites the logits in place
+                slope = transform_logits_(s, *settings.student_transform)
+                block_targets = targets[start + first : start + last]
+                log_probs = F.log_softmax(s, -1)
+                ce_sum -= log_probs.gather(1, block_targets[:, None]).sum()
+                grad_kd = None
+                if use_teacher or use_topk:
+                    scaled = s[:, : settings.vocab_size]  # s itself is not needed any more: the CE's log-softmax is taken
+                    if use_teacher:
+                        if temperature != 1:
+                            scaled.div_(temperature)
+                        block_sum, grad_kd = _kd_against_teacher(scaled, teacher[first:last].float(), settings,
+                                                                 needs_grad)
+                    else:
+                        stored = tuple(x[start + first : start + last] for x in settings.stored_topk)
+                        block_sum, grad_kd = _kd_against_stored_topk(scaled / temperature, stored, settings, needs_grad)
+                    kd_sum += block_sum
+                if needs_grad:
+                    _write_logit_gradient(raw, s, log_probs, block_targets, grad_kd, slope, kd_weight, ce_weight,
+                                          settings.student_transform[0])
+            if needs_grad:
+                _accumulate_head_gradients(logits, hidden, student_weight, grad_hidden[start:end], grad_weight, grad_bias)
+        del student_logits, teacher_logits
+        ctx.save_for_backward(*((grad_hidden, grad_weight, grad_bias) if needs_grad else (None, None, None)))
+        ctx.weight_dtype = student_weight.dtype
+        kd_loss, ce_loss = kd_sum * temperature**2 / num_items_in_batch, ce_sum / num_items_in_batch
+        ctx.mark_non_differentiable(kd_loss, ce_loss)
+        return settings.kd_weight * kd_loss + settings.ce_weight * ce_loss, kd_loss, ce_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("backward ran twice through the chunked distillation loss (retain_graph=True): its "
+                               "gradients are computed in the forward and scaled in place, so a second pass would be "
+                               "wrong. Recompute the loss instead.")
+        ctx.backward_done = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        # In place: a scaled copy would hold a second (vocab, hidden) gradient while autograd assigns it.
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out = hidden @ weight^T + bias, written into a reused logit buffer."""
+    torch.mm(hidden, weight.t(), out=out)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _accumulate_head_gradients(grad_logits, hidden, weight, grad_hidden, grad_weight, grad_bias) -> None:
+    """grad_hidden = g @ W, grad_weight += g^T @ h, grad_bias += sum g, for one chunk's logit gradient g."""
+    if grad_hidden.dtype == grad_logits.dtype:
+        torch.mm(grad_logits, weight, out=grad_hidden)
+    else:
+        grad_hidden.copy_(grad_logits @ weight)
+    _addmm_fp32(grad_weight, grad_logits.t(), hidden)
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.nn.Module | None,
+    targets: torch.Tensor,
+    kd_weight: float,
+    ce_weight: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    student_transform: tuple[float, float | None] = (1.0, None),
+    teacher_transform: tuple[float, float | None] = (1.0, None),
+    memory_budget_mb: float = 512,
+    stored_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kd_weight * KD + ce_weight * CE, equal to `logit_distillation_loss` and `causal_lm_loss`, without the full
+    logits. Returns (loss, kd_loss, ce_loss); only the first carries gradients.
+
+    `student_hidden` (N, Hs) and `teacher_hidden` (N, Ht) are the final hidden states at the N counted positions
+    (already shifted: position i predicts targets[i]); the heads are the models' output-embedding modules (weight
+    and optional bias), with `*_transform` = (logit scale, soft-cap) from `head_transform`. The chunk size comes from
+    `memory_budget_mb` (see `chunk_tokens_for_budget`). KD uses the first `vocab_size` logits; CE uses all of them,
+    as the model's own loss does.
+
+    Offline distillation passes `stored_topk` = (ids (N, k), log-probabilities (N, k), tail mass (N,)) at temperature
+    T instead of the teacher's hidden states and head: KD is then `topk_bucket_divergence`, the divergence over the
+    k stored tokens plus one bucket for everything else.
+    """
+    student_weight, student_bias = full_head_tensors(student_head)
+    teacher_weight, teacher_bias = full_head_tensors(teacher_head)
+    if teacher_head is None and stored_topk is None:
+        kd_weight = 0.0
+    settings = LossSettings(
+        kd_weight=float(kd_weight), ce_weight=float(ce_weight), divergence=divergence, temperature=float(temperature),
+        vocab_size=vocab_size or student_weight.shape[0], beta=beta, skew=skew,
+        num_items_in_batch=targets.shape[0] if num_items_in_batch is None else num_items_in_batch,
+        student_transform=student_transform, teacher_transform=teacher_transform,
+        chunk_tokens=chunk_tokens_for_budget(student_weight.shape[0], memory_budget_mb), stored_topk=stored_topk,
+    )
+    return _ChunkedDistillationLoss.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, settings
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward patches: the loss and the hidden states come out of the model's own forward, where the engines' hooks run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_hidden_states_forward(model: torch.nn.Module) -> None:
+    """Let `model(..., hidden_layers=[...])` return the backbone's hidden states at those `output_hidden_states`
+    indices (a tuple indexed like `output_hidden_states`, None at the other indices; index num_hidden_layers is the
+    final hidden state after the last norm), without the output head. Going through the model's own forward keeps
+    the DeepSpeed and FSDP hooks that gather sharded parameters."""
+    original_forward = model.forward
+
+    def forward(self, *args, hidden_layers: list[int] | None = None, **kwargs):
+        if hidden_layers is None:
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, output_hidden_states=list(hidden_layers), **kwargs).hidden_states
+
+    model.forward = types.MethodType(forward, model)
+
+
+def final_layer(model: torch.nn.Module) -> int:
+    """The `hidden_layers` index of a model's final hidden state (its number of blocks)."""
+    return model.config.get_text_config().num_hidden_layers
+
+
+def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, labels: torch.Tensor,
+                                        last: int) -> torch.Tensor:
+    """The teacher's final hidden states (`hidden_layers` index `last`, from `final_layer` of the unwrapped teacher)
+    at the positions whose next-token label counts, shape (N, Ht). Needs `add_hidden_states_forward(teacher)`: only
+    the backbone runs, the logits are built chunk by chunk in the loss."""
+    with torch.no_grad():
+        hidden = teacher(**inputs, hidden_layers=[last])[last]
+    return hidden[:, :-1][next_token_mask(labels)]
+
+
+def add_distillation_forward(model: torch.nn.Module, projections_attribute: str | None = None) -> None:
+    """Let `model(..., distillation={...})` run the backbone and the chunked loss instead of building logits, and
+    `model(..., project_hidden={...})` also return projected intermediate states (distil_hidden.py).
+
+    The loss and the projections run inside the model's forward on purpose: DDP and DeepSpeed hook the forward
+    (gradient sync, ZeRO-3 parameter gathering), and a loss computed outside it on the raw head weight would bypass
+    them. Without these arguments the forward is the original one, so generation and saving are unchanged. Call it
+    through `student_loss`, which names every argument.
+    """
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    original_forward = model.forward
+    transform = head_transform(model)
+
+    def forward(self, *args, distillation: dict | None = None, project_hidden: dict | None = None, **kwargs):
+        if distillation is None and project_hidden is None:
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if project_hidden is not None:
+            kwargs["output_hidden_states"] = sorted({student_layer for student_layer, _ in project_hidden["layer_pairs"]})
+        outputs = self.base_model(*args, **kwargs)
+        result = {}
+        if project_hidden is not None:
+            projections = getattr(self, projections_attribute)
+            rows, positions = project_hidden["rows"], project_hidden["positions"]
+            result["projected_hidden"] = [projections[projection_key(s, t)](outputs.hidden_states[s][rows, positions])
+                                          for s, t in project_hidden["layer_pairs"]]
+        if distillation is not None:
+            options = dict(distillation)
+            labels = options.pop("labels")
+            mask = next_token_mask(labels)
+            head, teacher_head = self.get_output_embeddings(), options["teacher_head"]
+            teacher_params = () if teacher_head is None else (teacher_head.weight, getattr(teacher_head, "bias", None))
+            # Under ZeRO-3 the heads are partitioned; gather them for the loss only.
+            with maybe_gather_lm_head_ctx(head.weight, getattr(head, "bias", None), *teacher_params):
+                loss, kd_loss, ce_loss = chunked_distillation_loss(
+                    outputs.last_hidden_state[:, :-1][mask], head, targets=labels[:, 1:][mask],
+                    student_transform=transform, **options,
+                )
+            result.update(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss)
+        return result
+
+    model.forward = types.MethodType(forward, model)
+
+
+def student_loss(
+    model: torch.nn.Module,
+    inputs: dict,
+    labels: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.nn.Module | None,
+    teacher_transform: tuple[float, float | None],
+    kd_weight: float,
+    ce_weight: float,
+    num_items_in_batch: int | torch.Tensor,
+    divergence: str,
+    temperature: float,
+    vocab_size: int,
+    memory_budget_mb: float,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    stored_topk: tuple | None = None,
+    project_hidden: dict | None = None,
+) -> dict:
+    """Run the student (patched by `add_distillation_forward`) on `inputs` and return its loss parts: `loss`
+    (kd_weight * KD + ce_weight * CE, with gradients), `kd_loss`, `ce_loss`, and `projected_hidden` when
+    `project_hidden` is given. The keyword arguments are those of `chunked_distillation_loss`."""
+    return model(**inputs, project_hidden=project_hidden, distillation={
+        "labels": labels, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head,
+        "teacher_transform": teacher_transform, "kd_weight": kd_weight, "ce_weight": ce_weight,
+        "num_items_in_batch": num_items_in_batch, "divergence": divergence, "temperature": temperature,
+        "vocab_size": vocab_size, "beta": beta, "skew": skew, "memory_budget_mb": memory_budget_mb,
+        "stored_topk": stored_topk,
+    })
