@@ -10,14 +10,13 @@ import os
 
 import torch
 
-from common import (
-    ConfigError,
+from common import ConfigError, print_rank0
+from data import (
     assistant_char_spans,
     counted_positions,
     dataset_format,
     load_raw_dataset,
     prepare_datasets,
-    print_rank0,
     to_messages,
     tokenize_row,
 )
@@ -133,7 +132,7 @@ def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
     if dataset_format(raw, data_config.get("format")) != "text":
         raise ConfigError(
             f"the {' and '.join(missing)} tokenizer has no chat template to render conversations with. Set "
-            f"tokenizer.{missing[0]}_chat_template (e.g. common.CHATML_TEMPLATE)."
+            f"tokenizer.{missing[0]}_chat_template (e.g. data.CHATML_TEMPLATE)."
         )
 
 

@@ -37,14 +37,11 @@ from common import (
     LossPartLog,
     apply_spectrum,
     build_sft_config,
-    check_dataset_path,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
-    next_token_mask,
     output_vocab_size,
     place_teacher,
-    prepare_datasets,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
@@ -52,6 +49,7 @@ from common import (
     same_tokenization,
     save_finished_run,
 )
+from data import check_dataset_path, next_token_mask, prepare_datasets
 from losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,

@@ -31,19 +31,15 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 from trl import SFTTrainer
 
 from common import (
-    CHATML_TEMPLATE,
     ConfigError,
     LossPartLog,
     apply_spectrum,
     build_sft_config,
-    check_dataset_path,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
-    next_token_mask,
     output_vocab_size,
     place_teacher,
-    prepare_datasets,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
@@ -51,6 +47,7 @@ from common import (
     save_finished_run,
     shared_vocab_size,
 )
+from data import CHATML_TEMPLATE, check_dataset_path, next_token_mask, prepare_datasets
 from losses import (
     DIVERGENCES,
     add_distillation_forward,

@@ -17,7 +17,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-from common import ConfigError, next_token_mask
+from common import ConfigError
+from data import next_token_mask
 from projections import projection_key
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")

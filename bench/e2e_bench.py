@@ -46,6 +46,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples"), HERE]
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import data  # noqa: E402
 import demo_data  # noqa: E402
 import losses  # noqa: E402
 import distil_logits  # noqa: E402
@@ -177,9 +178,9 @@ def main() -> None:
     common.print_rank0 = lambda *a: None  # keep the dataset and tokenizer summaries out of the table output
     paths = build_assets(settings)
 
-    tokenizer = common.load_tokenizer(paths["student"], common.CHATML_TEMPLATE)
+    tokenizer = common.load_tokenizer(paths["student"], data.CHATML_TEMPLATE)
     kd_run, sft_run = run_config(paths, settings, settings["alpha"]), run_config(paths, settings, 0.0)
-    train_dataset, _, _ = common.prepare_datasets(kd_run["dataset"], tokenizer, settings["max_length"])
+    train_dataset, _, _ = data.prepare_datasets(kd_run["dataset"], tokenizer, settings["max_length"])
     # KD over the whole head, as with a tokenizer that fills it (the demo's tokenizer only supplies the ids).
     vocab_size = settings["vocab"]
     trainers = {"sft": make_trainer(sft_run, train_dataset, tokenizer, vocab_size),

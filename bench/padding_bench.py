@@ -34,6 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import data  # noqa: E402
 import demo_data  # noqa: E402
 import distil_logits  # noqa: E402
 
@@ -80,8 +81,8 @@ def epoch_statistics(paths: dict, settings: dict, packing: bool) -> dict:
         gradient_accumulation_steps=1, packing=packing, eval_strategy="no", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, seed=settings["seed"],
     )
-    tokenizer = common.load_tokenizer(paths["tokenizer"], common.CHATML_TEMPLATE)
-    train_dataset, _, _ = common.prepare_datasets(run["dataset"], tokenizer, settings["max_length"])
+    tokenizer = common.load_tokenizer(paths["tokenizer"], data.CHATML_TEMPLATE)
+    train_dataset, _, _ = data.prepare_datasets(run["dataset"], tokenizer, settings["max_length"])
     torch.manual_seed(settings["seed"])
     student = AutoModelForCausalLM.from_config(Qwen2Config(  # examples/demo.py's student
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import demo_data  # noqa: E402
 import distil_hidden  # noqa: E402
 import distil_logits  # noqa: E402
-from common import tokenize_row  # noqa: E402
+from data import tokenize_row  # noqa: E402
 from losses import causal_lm_loss  # noqa: E402
 
 CACHE = os.path.join(HERE, ".cache")
@@ -113,7 +113,7 @@ def heldout_nats(model_dir: str, eval_path: str, max_length: int = 128) -> tuple
     negative log-likelihood of the assistant text itself, so it compares across tokenizers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common import CHATML_TEMPLATE
+    from data import CHATML_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = CHATML_TEMPLATE

@@ -33,7 +33,7 @@ from typing import Iterable
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import CHATML_TEMPLATE, SHAREGPT_ROLES  # noqa: E402
+from data import CHATML_TEMPLATE, SHAREGPT_ROLES  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # The task: questions with uncertain answers
@@ -145,7 +145,7 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|endoftext|>"
 
 
-# The template the demo renders with is the project's own (common.CHATML_TEMPLATE).
+# The template the demo renders with is the project's own (data.CHATML_TEMPLATE).
 
 
 def _build_distributions() -> dict[str, dict[str, float]]:

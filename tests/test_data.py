@@ -9,14 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from common import (
-    CHATML_TEMPLATE,
     ConfigError,
     apply_spectrum,
-    load_raw_dataset,
-    prepare_datasets,
     read_spectrum_patterns,
-    tokenize_row,
 )
+from data import CHATML_TEMPLATE, load_raw_dataset, prepare_datasets, tokenize_row
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_hidden
 from alignment import PairedCollator, align_tokenizations, token_boundaries, tokenize_row_pair
-from common import CHATML_TEMPLATE, ConfigError, tokenize_row
+from common import ConfigError
+from data import CHATML_TEMPLATE, tokenize_row
 from losses import add_hidden_states_forward, hidden_state_loss
 from projections import build_projections, load_projections, resolve_layer_map, uniform_layer_map
 

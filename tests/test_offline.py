@@ -5,7 +5,6 @@ vocabulary, a capture made with another tokenizer)."""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -1,0 +1,241 @@
+"""Data: loading a dataset (Hub id or local file), reading its rows as conversations (ShareGPT, messages) or text,
+rendering them with a chat template, and labelling the tokens that train (-100 elsewhere), then shuffling,
+subsampling and splitting off an evaluation set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+
+from common import ConfigError, print_rank0
+
+# ChatML, as used by Qwen2 and Arcee-Spark. No generation prompt is added after a finished conversation.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "system": "system",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "function_call": "assistant",
+    "tool": "tool", "function_response": "tool", "observation": "tool", "ipython": "tool",
+}
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+
+_DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
+def check_dataset_path(name: str) -> None:
+    """A dataset name that looks like a local path (a data-file extension, or starting with . / ~) must exist."""
+    extension = os.path.splitext(name)[1].lower()
+    looks_local = extension in _DATA_EXTENSIONS or name.startswith((".", "/", "~"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"dataset file '{name}' does not exist. Fix dataset.name (a local path or a Hub id).")
+
+
+def load_raw_dataset(name: str, split: str = "train"):
+    """Load a dataset from a local file (json, jsonl, parquet, csv), a folder written by `Dataset.save_to_disk`, a
+    folder of such data files, or a Hub id. A local-looking path that does not exist is an error that names it."""
+    import datasets
+
+    check_dataset_path(name)
+    extension = os.path.splitext(name)[1].lower()
+    path = os.path.expanduser(name)
+    try:
+        if os.path.isfile(path):
+            if extension not in _DATA_EXTENSIONS:
+                raise ConfigError(f"dataset file '{name}' has an unknown extension; use .json, .jsonl, .parquet or .csv.")
+            return datasets.load_dataset(_DATA_EXTENSIONS[extension], data_files=path, split="train")
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "state.json")):
+                loaded = datasets.load_from_disk(path)
+                return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(name, split=split)
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the library's error, summarised in one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load dataset '{name}' (split '{split}'): {first_line}") from None
+
+
+def detect_format(column_names: Iterable[str]) -> str:
+    """'sharegpt' (conversations), 'messages' (OpenAI-style) or 'text' (continued pre-training), from the columns."""
+    columns = set(column_names)
+    for column, kind in (("conversations", "sharegpt"), ("messages", "messages"), ("text", "text")):
+        if column in columns:
+            return kind
+    raise ConfigError(
+        f"dataset has none of the columns 'conversations' (ShareGPT), 'messages' or 'text' (found {sorted(columns)}). "
+        "Rename the column or convert the dataset."
+    )
+
+
+# Per format: the column holding the turns, each turn's role and content keys, its name in errors, and its roles.
+_CONVERSATION_FIELDS = {
+    "sharegpt": ("conversations", "from", "value", "ShareGPT", SHAREGPT_ROLES),
+    "messages": ("messages", "role", "content", "message", {role: role for role in MESSAGE_ROLES}),
+}
+
+
+def to_messages(row: dict, data_format: str, system_prompt: str | None = None) -> list[dict]:
+    """Convert one row to a list of {'role', 'content'} messages (roles system, user, assistant, tool)."""
+    column, role_key, content_key, kind, roles = _CONVERSATION_FIELDS[data_format]
+    turns = row[column]
+    if not isinstance(turns, list):
+        raise ConfigError(f"a row's '{column}' is not a list of turns; each turn needs '{role_key}' and '{content_key}'.")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise ConfigError(f"a {kind} turn lacks '{role_key}' or '{content_key}'; each turn must be "
+                              f"{{'{role_key}': ..., '{content_key}': ...}}.")
+        role = roles.get(str(turn[role_key]).lower() if data_format == "sharegpt" else turn[role_key])
+        if role is None:
+            raise ConfigError(f"unknown {kind} role '{turn[role_key]}'; known roles are {sorted(roles)}. Fix or map it.")
+        messages.append({"role": role, "content": str(turn[content_key])})
+    if system_prompt and not any(message["role"] == "system" for message in messages):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` with the tokenizer's chat template and return the text and the character spans to train on.
+
+    Each span is one assistant turn: its content plus the template's end-of-turn marker, found by rendering the
+    conversation up to the turn with a generation prompt (the span's start) and through the turn (its end). The
+    whitespace a template puts after the end-of-turn marker is not trained on.
+    """
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
+        through = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ConfigError(
+                "the chat template does not render conversations incrementally (a prefix of the conversation renders "
+                "differently from the start of the whole), so assistant spans cannot be located. Set "
+                "tokenizer.chat_template to a template that does, e.g. data.CHATML_TEMPLATE."
+            )
+        end = len(through.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return text, spans
+
+
+def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system_prompt: str | None = None) -> dict:
+    """Tokenize one row into input_ids and labels (-100 where nothing is trained), truncated to max_length.
+
+    Conversations: labels are the assistant tokens (content and end-of-turn token) and -100 elsewhere. Text rows:
+    every token is trained and an EOS token is appended. A token is trained when it starts inside a trained span.
+    """
+    if data_format == "text":
+        input_ids = tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not input_ids or input_ids[-1] != tokenizer.eos_token_id):
+            input_ids = input_ids + [tokenizer.eos_token_id]
+        input_ids = input_ids[:max_length]
+        return {"input_ids": input_ids, "labels": list(input_ids)}
+    messages = to_messages(row, data_format, system_prompt)
+    if not any(message["role"] == "assistant" for message in messages):
+        return {"input_ids": [], "labels": []}
+    text, spans = assistant_char_spans(tokenizer, messages)
+    # The template already wrote any BOS token into the text, so the tokenizer must not add another one.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids, labels = encoding["input_ids"], []
+    span_index = 0
+    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"]):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]
+        labels.append(token_id if inside else -100)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def dataset_format(raw, requested: str | None) -> str:
+    """The format to read `raw` as: `requested` (sharegpt, messages, text), or detected from the columns for auto."""
+    if (requested or "auto") == "auto":
+        return detect_format(raw.column_names)
+    if requested not in ("sharegpt", "messages", "text"):
+        raise ConfigError(f"dataset.format '{requested}' is unknown; use auto, sharegpt, messages or text.")
+    detect_format(raw.column_names)  # the column must exist either way
+    return requested
+
+
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (batch, seq - 1) of the counted positions: the prediction at position i targets labels[i + 1],
+    exactly as the causal-LM cross-entropy shifts, and counts when that label is not -100."""
+    return labels[:, 1:] != -100
+
+
+def counted_positions(labels: list[int]) -> int:
+    """How many positions of one row the loss counts (`next_token_mask` of a single row, summed)."""
+    return sum(label != -100 for label in labels[1:])
+
+
+def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing"):
+    """Map `tokenize` over every row, then drop (and count) rows left with no counted position. Returns
+    (dataset, dropped)."""
+    tokenized = raw.map(tokenize, remove_columns=raw.column_names, desc=description)
+    keep = [i for i, labels in enumerate(tokenized["labels"]) if counted_positions(labels) > 0]
+    dropped = len(tokenized) - len(keep)
+    if not keep:
+        raise ConfigError(
+            f"no row of dataset '{name}' has a trainable token after formatting and truncation to "
+            f"max_length={max_length} (no assistant turn, or max_length too small). Raise tokenizer.max_length or "
+            "check the data."
+        )
+    if dropped:
+        print_rank0(f"dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token (no assistant turn or truncated)")
+    return tokenized.select(keep), dropped
+
+
+def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Callable | None = None,
+                     description: str = "Tokenizing"):
+    """Load, shuffle, subsample, tokenize and split the dataset. Returns (train, eval or None, stats).
+
+    The eval set is `eval_name` (a separate dataset) when given, else `eval_size` rows split off with the seed.
+    Rows without a trainable token (no assistant turn, or truncated before one) are dropped and counted; if nothing
+    is left the run stops with an error. Sequences are not padded here: the collator pads per batch (or TRL packs).
+    `tokenize(row, data_format) -> dict` replaces `tokenize_row` (alignment.py tokenizes each row for two tokenizers).
+    """
+    name = data_config["name"]
+    system_prompt = data_config.get("system_prompt")
+    if tokenize is None:
+        def tokenize(row: dict, data_format: str) -> dict:
+            return tokenize_row(row, tokenizer, data_format, max_length, system_prompt)
+
+    def tokenize_all(raw, dataset_name: str, data_format: str):
+        return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description)
+
+    raw = load_raw_dataset(name, data_config.get("split", "train"))
+    data_format = dataset_format(raw, data_config.get("format"))
+    raw = raw.shuffle(seed=data_config["seed"])
+    if data_config.get("num_samples"):
+        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
+    tokenized, dropped = tokenize_all(raw, name, data_format)
+    train, evaluation = tokenized, None
+    if data_config.get("eval_name"):
+        raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
+        evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
+    else:
+        eval_size = data_config.get("eval_size") or 0
+        eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
+        if eval_rows >= len(tokenized):
+            raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
+        if eval_rows > 0:
+            split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
+            train, evaluation = split["train"], split["test"]
+    stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
+             "eval": 0 if evaluation is None else len(evaluation)}
+    print_rank0(f"dataset: {stats}")
+    return train, evaluation, stats
