@@ -241,7 +241,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     student_head = types.SimpleNamespace(weight=ws, bias=None)
     teacher_head = types.SimpleNamespace(weight=wt, bias=None)
     budget = settings["memory_budget_mb"]
-    chunk = losses.chunk_tokens_for_budget(vocab, budget)
+    chunk = losses.chunk_tokens_for_budget(vocab, budget, ws.dtype, ws.device, divergence)
 
     if name == "full_logits":
         # One extra row at the end so that the causal shift of the reference functions counts all T positions.
@@ -260,7 +260,10 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     if name == "chunked" or name.startswith("chunked@"):
         module = losses if name == "chunked" else module_at_revision(name.split("@", 1)[1])
         loss_function = module.chunked_distillation_loss
-        facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget)}
+        try:
+            facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget, ws.dtype, ws.device, divergence)}
+        except TypeError:  # before the estimate knew the dtype, device and divergence
+            facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget)}
         block_tokens = getattr(module, "block_tokens", getattr(module, "row_block_tokens", None))
         if block_tokens is not None:
             if settings.get("block_kib"):
