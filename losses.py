@@ -462,6 +462,29 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def _loss_on_block(raw, targets, teacher_raw, stored, settings: LossSettings, needs_grad: bool, kd_scale: float):
+    """(sum of log q(target), sum of KD) over one block of tokens; with gradients, `raw` (the student's logits of the
+    block) is overwritten with N * d loss / d logits."""
+    temperature = settings.temperature
+    s = raw.float()  # a view when the buffer is float32: the gradient then overwrites the logits in place
+    slope = transform_logits_(s, *settings.student_transform)
+    log_probs = F.log_softmax(s, -1)
+    ce_part = log_probs.gather(1, targets[:, None]).sum()
+    kd_part, grad_kd = 0.0, None
+    if teacher_raw is not None or stored is not None:
+        scaled = s[:, : settings.vocab_size]  # s itself is not needed any more: the CE's log-softmax is taken
+        if teacher_raw is not None:
+            if temperature != 1:
+                scaled.div_(temperature)
+            kd_part, grad_kd = _kd_against_teacher(scaled, teacher_raw.float(), settings, needs_grad)
+        else:
+            kd_part, grad_kd = _kd_against_stored_topk(scaled / temperature, stored, settings, needs_grad)
+    if needs_grad:
+        _write_logit_gradient(raw, s, log_probs, targets, grad_kd, slope, kd_scale, settings.ce_weight,
+                              settings.student_transform[0])
+    return ce_part, kd_part
+
+
 def _chunked_forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                      targets, settings: LossSettings):
     """The body of `_ChunkedDistillationLoss.forward` (autocast off)."""
@@ -499,26 +522,12 @@ def _chunked_forward(ctx, student_hidden, student_weight, student_bias, teacher_
             teacher = _project(teacher_hidden[start:end], teacher_weight, teacher_bias, teacher_logits[: end - start])
         for first in range(0, end - start, block):
             last = min(first + block, end - start)
-            raw = logits[first:last]
-            s = raw.float()  # a view when the buffer is float32: the gradient then overwrites the logits in place
-            slope = transform_logits_(s, *settings.student_transform)
-            block_targets = targets[start + first : start + last]
-            log_probs = F.log_softmax(s, -1)
-            ce_sum -= log_probs.gather(1, block_targets[:, None]).sum()
-            grad_kd = None
-            if use_teacher or use_topk:
-                scaled = s[:, : settings.vocab_size]  # s itself is not needed any more: the CE's log-softmax is taken
-                if use_teacher:
-                    if temperature != 1:
-                        scaled.div_(temperature)
-                    block_sum, grad_kd = _kd_against_teacher(scaled, teacher[first:last].float(), settings, needs_grad)
-                else:
-                    stored = tuple(x[start + first : start + last] for x in settings.stored_topk)
-                    block_sum, grad_kd = _kd_against_stored_topk(scaled / temperature, stored, settings, needs_grad)
-                kd_sum += block_sum
-            if needs_grad:
-                _write_logit_gradient(raw, s, log_probs, block_targets, grad_kd, slope, kd_scale, settings.ce_weight,
-                                      settings.student_transform[0])
+            stored = None if not use_topk else tuple(x[start + first : start + last] for x in settings.stored_topk)
+            ce_part, kd_part = _loss_on_block(
+                logits[first:last], targets[start + first : start + last],
+                teacher[first:last] if use_teacher else None, stored, settings, needs_grad, kd_scale)
+            ce_sum -= ce_part
+            kd_sum += kd_part
         if needs_grad:
             _accumulate_head_gradients(logits, hidden, weight, None if grad_hidden is None else grad_hidden[start:end],
                                        grad_weight, grad_bias)

@@ -342,8 +342,12 @@ def worker(name: str, size: dict, settings: dict) -> dict:
         inputs["student_hidden"].grad = inputs["student_weight"].grad = None
 
     def step() -> float:
-        loss = run()
-        loss.backward()
+        if settings.get("eval"):  # evaluation: the forward under no_grad, as the Trainer's prediction step runs it
+            with torch.no_grad():
+                loss = run()
+        else:
+            loss = run()
+            loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return loss.item()
@@ -518,6 +522,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed steps per variant (default: per size in config)")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {config['warmup']})")
     parser.add_argument("--threads", type=int, help="torch threads in each variant's process (default: torch's)")
+    parser.add_argument("--eval", action="store_true", help="time the forward under torch.no_grad() (evaluation), "
+                        "without backward")
     parser.add_argument("--baseline-rev", help="also run chunked@REV: the chunked loss at this git revision")
     parser.add_argument("--block-kib", type=float, help="chunked: KiB per row-block temporary on the CPU "
                         "(losses.CPU_BLOCK_BYTES)")
@@ -545,6 +551,7 @@ def main() -> None:
     if args.threads:
         settings["threads"] = args.threads
     settings["memory_budget_mb"] = args.memory_budget_mb
+    settings["eval"] = args.eval
     sizes = {name: dict(size) for name, size in config["sizes"].items()
              if not args.sizes or name in args.sizes.split(",")}
     variants = args.variants.split(",") if args.variants else list(config["variants"])
@@ -576,7 +583,8 @@ def main() -> None:
     command = "python " + " ".join(["bench/loss_bench.py"] + sys.argv[1:])
     repeats = ", ".join(f"{name} {size['repeats']}" for name, size in sizes.items())
     report = [
-        "# Distillation loss: peak memory and time of forward + backward",
+        "# Distillation loss: peak memory and time of " + ("the forward under no_grad (evaluation)" if settings["eval"]
+                                                           else "forward + backward"),
         "",
         f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {time.time() - started:.0f} s, "
         f"{checkout()}.",
