@@ -77,15 +77,15 @@ def assets(tmp_path_factory):
     }
 
 
-def tiny_config(assets: dict, output_dir: str, **distillation) -> dict:
-    """distil_logits.config pointed at the tiny assets, with a few CPU steps."""
+def tiny_config(assets: dict, output_dir: str, script=None, student: str | None = None, **distillation) -> dict:
+    """The config of `script` (default distil_logits) pointed at the tiny assets, with a few CPU steps."""
     import copy
 
     import distil_logits
 
-    config = copy.deepcopy(distil_logits.config)
+    config = copy.deepcopy((script or distil_logits).config)
     config["dataset"].update(name=assets["data"], eval_size=4, seed=0)
-    config["models"].update(teacher=assets["teacher"], student=assets["student"])
+    config["models"].update(teacher=assets["teacher"], student=student or assets["student"])
     config["tokenizer"]["max_length"] = 64
     config["model_config"]["use_flash_attention"] = False
     config["distillation"].update(distillation)
@@ -95,3 +95,17 @@ def tiny_config(assets: dict, output_dir: str, **distillation) -> dict:
         eval_steps=2, save_steps=2, logging_steps=1, dataloader_num_workers=0,
     )
     return config
+
+
+def watch_output_heads(script, monkeypatch) -> list:
+    """Shapes of every output-head call of the models that `script.load_causal_lm` loads from now on."""
+    calls = []
+    original = script.load_causal_lm
+
+    def load_and_watch(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+        return model
+
+    monkeypatch.setattr(script, "load_causal_lm", load_and_watch)
+    return calls

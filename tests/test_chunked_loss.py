@@ -14,7 +14,7 @@ from losses import (
     chunked_distillation_loss,
     logit_distillation_loss,
 )
-from conftest import tiny_config
+from conftest import tiny_config, watch_output_heads
 
 
 def transform(x, scale, softcap):
@@ -252,15 +252,7 @@ def test_a_head_transform_the_loss_does_not_know_is_refused(assets):
 def test_training_never_calls_an_output_head(assets, tmp_path, monkeypatch):
     """Neither model builds (tokens, vocab) logits in a run: their output heads' forwards are called only by the
     one-time head check at the first step, on one row of at most 16 tokens."""
-    calls = []
-    original = distil_logits.load_causal_lm
-
-    def load_and_watch(*args, **kwargs):
-        model = original(*args, **kwargs)
-        model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
-        return model
-
-    monkeypatch.setattr(distil_logits, "load_causal_lm", load_and_watch)
+    calls = watch_output_heads(distil_logits, monkeypatch)
     trainer = distil_logits.main(tiny_config(assets, str(tmp_path / "out")))
     assert trainer.state.global_step == 3 and any("eval_kd_loss" in log for log in trainer.state.log_history)
     assert len(calls) == 2 and all(shape[:2] == (1, 16) for shape in calls), calls  # student and teacher, once

@@ -5,7 +5,6 @@ count and tokenizer (projections trained, saved, reloaded, restored on resume; a
 and generates); one step at batch 4 equal to two accumulated steps at batch 2; the shared-tokenizer path with the
 logit-KD term; and bad input stopped in one line before anything is written."""
 
-import copy
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CONVERSATIONS, ROOT, _tiny_model
+from conftest import CONVERSATIONS, ROOT, _tiny_model, tiny_config, watch_output_heads
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,18 +54,7 @@ def hidden_assets(assets, tmp_path_factory):
 
 def hidden_config(assets, hidden_assets, output_dir, student="student_b", **distillation):
     """distil_hidden.config pointed at the tiny assets, with a few CPU steps."""
-    config = copy.deepcopy(distil_hidden.config)
-    config["dataset"].update(name=assets["data"], eval_size=4, seed=0)
-    config["models"].update(teacher=assets["teacher"], student=hidden_assets[student])
-    config["tokenizer"]["max_length"] = 64
-    config["model_config"]["use_flash_attention"] = False
-    config["distillation"].update(distillation)
-    config["training"].update(
-        output_dir=output_dir, num_train_epochs=1, max_steps=3, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0.0, activation_checkpointing=False,
-        eval_steps=2, save_steps=2, logging_steps=1, dataloader_num_workers=0,
-    )
-    return config
+    return tiny_config(assets, output_dir, distil_hidden, hidden_assets[student], **distillation)
 
 
 # --- layer maps ---------------------------------------------------------------------------------------------------
@@ -361,15 +349,7 @@ def test_shared_tokenizer_with_logit_term(assets, hidden_assets, tmp_path):
 
 def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_path, monkeypatch):
     """CE and the logit-KD term come from the chunked loss: neither model's output head is called in training."""
-    calls = []
-    original = distil_hidden.load_causal_lm
-
-    def load_and_watch(*args, **kwargs):
-        model = original(*args, **kwargs)
-        model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
-        return model
-
-    monkeypatch.setattr(distil_hidden, "load_causal_lm", load_and_watch)
+    calls = watch_output_heads(distil_hidden, monkeypatch)
     config = hidden_config(assets, hidden_assets, str(tmp_path / "out"), student="student_a", kd_weight=0.5,
                            alpha=0.3, layer_map=[[2, 3]])
     trainer = distil_hidden.main(config)
