@@ -159,6 +159,33 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, c
         assert lines[0].startswith("interrupted: no checkpoint was saved yet")
 
 
+def test_ctrl_c_in_a_real_run(assets, tmp_path):
+    """SIGINT, as Ctrl-C sends it, to a CLI run that has saved a checkpoint: one line, exit 130, no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    config = tiny_config(assets, str(out))
+    config["training"].update(max_steps=10_000, save_steps=2, eval_strategy="no", disable_tqdm=True)
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
+                                                                  "training")}))
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "distil_logits.py"), "--config", str(overrides)],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's `&` ignores it
+    deadline = time.time() + 300
+    while not common.complete_checkpoints(str(out)) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"interrupted: the newest complete checkpoint is {re.escape(str(out))}/checkpoint-\d+\. "
+                        r"Launch again with training\.resume_from_checkpoint: true to continue from it\.", last), last
+
+
 # --- 3. the edited config dict ----------------------------------------------------------------------------------------
 
 
