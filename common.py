@@ -213,8 +213,8 @@ def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None, overwr
     True picks the newest complete checkpoint-N in output_dir (newer, incomplete ones are named and left alone) and
     starts fresh when there is none, so a preempted job can be relaunched with the same config. A path must be a
     complete checkpoint. Starting again with `overwrite` (training.overwrite_output_dir) deletes the old run's
-    checkpoint-N folders first: left there, the Trainer's rotation would keep the old, higher-numbered ones and delete
-    the new run's, and a later resume would pick an old one.
+    checkpoint-N folders and its finished-run marker first: left there, the Trainer's rotation would keep the old,
+    higher-numbered checkpoints and delete the new run's, and a later resume would pick an old one.
     """
     if not resume:
         if overwrite and is_main_process():
@@ -222,6 +222,9 @@ def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None, overwr
 
             for _, path in _checkpoint_folders(output_dir):
                 shutil.rmtree(path)
+            marker = os.path.join(output_dir, "distillation_config.json")
+            if os.path.isfile(marker):
+                os.remove(marker)
         return None
     if isinstance(resume, str):
         if not os.path.isdir(resume) or not checkpoint_is_complete(resume):

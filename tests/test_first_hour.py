@@ -133,6 +133,7 @@ def test_output_dir_with_checkpoints_is_refused_unless_resume_or_overwrite(asset
     for key in ("resume_from_checkpoint", "overwrite_output_dir"):
         check_output_dir(deep_merge(config, {"training": {key: True}}))
     # Starting again over them deletes them: the Trainer's rotation would otherwise keep the old, higher-numbered ones.
+    (out / "distillation_config.json").write_text("{}")  # an old finished run's marker goes too
     assert resolve_resume_checkpoint(str(out), None, overwrite=True) is None
     assert os.listdir(out) == []
 
