@@ -179,8 +179,7 @@ def how_to_resume(config: dict) -> str:
     output_dir = (config.get("training") or {}).get("output_dir") if isinstance(config, dict) else None
     checkpoints = complete_checkpoints(output_dir) if output_dir else []
     if not checkpoints:
-        return (f"no checkpoint was saved yet in {output_dir}. Launching again starts from the beginning (set "
-                "training.overwrite_output_dir: true to reuse the folder).")
+        return f"no checkpoint was saved yet in {output_dir}; launching again starts from the beginning."
     return (f"the newest complete checkpoint is {checkpoints[-1][1]}. Launch again with "
             "training.resume_from_checkpoint: true to continue from it.")
 
