@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import math
 import os
@@ -29,6 +30,12 @@ class ConfigError(ValueError):
     """A user mistake: the message says what is wrong and how to fix it. Scripts print it as one line and exit."""
 
 
+# DeepSpeed is imported by accelerate whenever it is installed, and on a machine without CUDA its accelerator probe
+# warns "Setting accelerator to CPU" in every run, DeepSpeed or not. CPU is then the only choice, so say it up front.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def is_main_process() -> bool:
     """True on global rank 0 (or when not launched distributed)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -43,11 +50,17 @@ def print_rank0(*args: Any) -> None:
 def run_cli(main: Callable[[dict], Any], config: dict) -> None:
     """Entry point of both scripts: merge `--config FILE` into `config`, run `main`, and turn a ConfigError into one
     line on stderr and exit code 2 instead of a traceback."""
+    merged = config
     try:
-        main(load_overrides(config, sys.argv[1:]))
+        merged = load_overrides(config, sys.argv[1:])
+        main(merged)
     except (ConfigError, TrainingDivergedError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if is_main_process():
+            print(f"\ninterrupted: {how_to_resume(merged)}", file=sys.stderr, flush=True)
+        sys.exit(130)
     # Tear the process group down before the interpreter does: left to exit, gloo's threads can abort a process
     # ("terminate called without an active exception") after a run that finished and saved.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -60,22 +73,59 @@ def run_cli(main: Callable[[dict], Any], config: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def did_you_mean(key: str, known) -> str:
+    """' Did you mean 'x'?' for the known key nearest to a misspelt one, or '' when none is close."""
+    close = difflib.get_close_matches(str(key), [str(name) for name in known], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+# Training keys that say the same thing two ways: an override that sets one replaces the dict's other.
+_ALTERNATIVE_TRAINING_KEYS = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps"}
+
+
 def deep_merge(base: dict, overrides: dict, path: str = "") -> dict:
     """Return a copy of `base` with `overrides` merged in, recursively. A key that `base` does not have is an error
     (typos must not be silently ignored), except below keys whose default is None or a free-form dict such as
-    `training`, which is checked later against the Trainer's own arguments."""
+    `training`, which is checked later against the Trainer's own arguments. An override of training.warmup_steps
+    drops the dict's warmup_ratio (and the reverse): the override says how to warm up."""
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         where = f"{path}{key}"
         if key not in merged:
-            raise ConfigError(f"unknown config key '{where}'. Check its spelling against the script's `config` dict.")
+            raise ConfigError(f"unknown config key '{where}'.{did_you_mean(key, merged)} Check its spelling against the "
+                              "script's `config` dict.")
         if isinstance(merged[key], dict) and merged[key] and isinstance(value, dict) and not where == "training":
             merged[key] = deep_merge(merged[key], value, where + ".")
         elif isinstance(merged[key], dict) and isinstance(value, dict):
+            if where == "training":
+                for set_key, other in _ALTERNATIVE_TRAINING_KEYS.items():
+                    if set_key in value and other not in value:
+                        merged[key].pop(other, None)
             merged[key] = {**merged[key], **copy.deepcopy(value)}
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def check_config_keys(config: dict, schema: dict, path: str = "") -> None:
+    """Check the config dict a script's main() receives against the keys it reads (`schema`: section -> tuple of
+    keys, or None for a top-level value), so a misspelt or deleted key in an edited `config` is one error naming it
+    and the nearest known key, not a KeyError after the data and models are loaded. `training` may hold any
+    SFTConfig field besides its listed keys."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"config{' section ' + repr(path.rstrip('.')) if path else ''} must be a dict, got "
+                          f"{type(config).__name__}.")
+    for key in config:
+        if key not in schema and not (path == "training." and key in training_keys()):
+            known = set(schema) | (training_keys() if path == "training." else set())
+            raise ConfigError(f"unknown config key '{path}{key}'.{did_you_mean(key, known)} Fix it in the `config` "
+                              "dict (the README's config table lists every key).")
+    for key, keys in schema.items():
+        if key not in config:
+            raise ConfigError(f"config key '{path}{key}' is missing.{did_you_mean(key, config)} Add it back to the "
+                              "`config` dict (the README's config table lists every key and its default).")
+        if keys is not None:
+            check_config_keys(config[key], {name: None for name in keys}, f"{path}{key}.")
 
 
 def load_overrides(config: dict, argv: list[str] | None = None) -> dict:
@@ -104,15 +154,34 @@ def load_overrides(config: dict, argv: list[str] | None = None) -> dict:
 
 
 def check_output_dir(config: dict) -> None:
-    """Refuse to train into a folder that already holds a finished run, unless asked to overwrite or resume."""
+    """Refuse to train into a folder that already holds a finished run or the checkpoints of an unfinished one,
+    unless asked to overwrite or resume: started again from step 0, a run's checkpoint rotation would delete them."""
     training = config["training"]
     output_dir = training["output_dir"]
-    finished = os.path.isfile(os.path.join(output_dir, "distillation_config.json"))
-    if finished and not training.get("resume_from_checkpoint") and not training.get("overwrite_output_dir"):
+    if training.get("resume_from_checkpoint") or training.get("overwrite_output_dir"):
+        return
+    if os.path.isfile(os.path.join(output_dir, "distillation_config.json")):
         raise ConfigError(
             f"output_dir '{output_dir}' already holds a finished run. Choose another output_dir, or set "
             "training.resume_from_checkpoint, or training.overwrite_output_dir: true to replace it."
         )
+    checkpoints = _checkpoint_folders(output_dir)
+    if checkpoints:
+        raise ConfigError(
+            f"output_dir '{output_dir}' holds checkpoints of an unfinished run (newest: "
+            f"{os.path.basename(checkpoints[-1][1])}). Set training.resume_from_checkpoint: true to continue it, or "
+            "training.overwrite_output_dir: true to start again and delete them, or choose another output_dir."
+        )
+
+
+def how_to_resume(config: dict) -> str:
+    """One line for an interrupted run: the checkpoint it can resume from and the key to set."""
+    output_dir = (config.get("training") or {}).get("output_dir") if isinstance(config, dict) else None
+    checkpoints = complete_checkpoints(output_dir) if output_dir else []
+    if not checkpoints:
+        return f"no checkpoint was saved yet in {output_dir}; launching again starts from the beginning."
+    return (f"the newest complete checkpoint is {checkpoints[-1][1]}. Launch again with "
+            "training.resume_from_checkpoint: true to continue from it.")
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -137,14 +206,24 @@ def checkpoint_is_complete(path: str) -> bool:
     return has_weights and os.path.isfile(os.path.join(path, "trainer_state.json"))
 
 
-def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None) -> str | None:
+def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None, overwrite: bool = False) -> str | None:
     """Turn training.resume_from_checkpoint into a checkpoint path, never one whose save was cut off.
 
     True picks the newest complete checkpoint-N in output_dir (newer, incomplete ones are named and left alone) and
     starts fresh when there is none, so a preempted job can be relaunched with the same config. A path must be a
-    complete checkpoint.
+    complete checkpoint. Starting again with `overwrite` (training.overwrite_output_dir) deletes the old run's
+    checkpoint-N folders and its finished-run marker first: left there, the Trainer's rotation would keep the old,
+    higher-numbered checkpoints and delete the new run's, and a later resume would pick an old one.
     """
     if not resume:
+        if overwrite and is_main_process():
+            import shutil
+
+            for _, path in _checkpoint_folders(output_dir):
+                shutil.rmtree(path)
+            marker = os.path.join(output_dir, "distillation_config.json")
+            if os.path.isfile(marker):
+                os.remove(marker)
         return None
     if isinstance(resume, str):
         if not os.path.isdir(resume) or not checkpoint_is_complete(resume):
@@ -172,6 +251,24 @@ def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None) -> str
 _OWN_TRAINING_KEYS = {"warmup_ratio", "resume_from_checkpoint", "overwrite_output_dir"}
 
 
+def training_keys() -> set[str]:
+    """Every key config["training"] may hold: the SFTConfig/TrainingArguments fields and this project's own."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return {field.name for field in dataclasses.fields(SFTConfig)} | _OWN_TRAINING_KEYS
+
+
+def check_training_keys(training: dict) -> None:
+    """An unknown training key is an error naming it (and the nearest field), not a TypeError from the dataclass."""
+    known = training_keys()
+    for key in training:
+        if key not in known:
+            raise ConfigError(f"unknown config key 'training.{key}': it is not an SFTConfig/TrainingArguments field."
+                              f"{did_you_mean(key, known)}")
+
+
 def build_sft_config(config: dict, **extra: Any):
     """Build TRL's SFTConfig from config["training"] plus the data keys it needs.
 
@@ -180,15 +277,10 @@ def build_sft_config(config: dict, **extra: Any):
       miscounts the processes.
     - An unknown key is an error naming it, not a TypeError from inside the dataclass.
     """
-    import dataclasses
-
     from trl import SFTConfig
 
     training = dict(config["training"])
-    known = {field.name for field in dataclasses.fields(SFTConfig)}
-    for key in training:
-        if key not in known and key not in _OWN_TRAINING_KEYS:
-            raise ConfigError(f"unknown config key 'training.{key}': it is not an SFTConfig/TrainingArguments field.")
+    check_training_keys(training)
     warmup_ratio = training.pop("warmup_ratio", None)
     for key in _OWN_TRAINING_KEYS:
         training.pop(key, None)
@@ -223,18 +315,28 @@ def model_dtype(config: dict) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_warned_once: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning printed once per process (on rank 0), however many models or datasets ask for it."""
+    if message not in _warned_once:
+        _warned_once.add(message)
+        print_rank0(f"warning: {message}")
+
+
 def attention_implementation(use_flash_attention: bool) -> str:
-    """flash_attention_2 when asked for and importable on a CUDA machine, else sdpa (with a one-line warning)."""
-    if not use_flash_attention:
+    """flash_attention_2 when asked for and importable on a CUDA machine, else sdpa. Only a GPU without flash-attn
+    is warned about (once per run): without CUDA, sdpa is the only choice and there is nothing to fix."""
+    if not use_flash_attention or not torch.cuda.is_available():
         return "sdpa"
     try:
         import flash_attn  # noqa: F401
 
-        if torch.cuda.is_available():
-            return "flash_attention_2"
+        return "flash_attention_2"
     except ImportError:
-        pass
-    print_rank0("warning: flash-attn is not installed or there is no GPU; using sdpa attention instead.")
+        warn_once("flash-attn is not installed; using sdpa attention (slower and more memory at long sequences). "
+                  "Install it (setup.sh does on CUDA machines) or set model_config.use_flash_attention: false.")
     return "sdpa"
 
 
@@ -303,21 +405,99 @@ def tokens_by_id(tokenizer, size: int) -> list[str | None]:
     return [by_id.get(index) for index in range(size)]
 
 
-def shared_vocab_size(teacher_tokenizer, student_tokenizer) -> int:
-    """Number of token ids whose meaning teacher and student share, or a ConfigError if the tokenizers differ.
+def _backend_json(tokenizer) -> dict | None:
+    """The fast tokenizer's full definition (tokenizer.json: model, merges, normaliser, pre-tokenizer, added tokens)."""
+    try:
+        return json.loads(tokenizer.backend_tokenizer.to_str())
+    except Exception:  # noqa: BLE001 - no serialisable backend: the encoded sample still decides
+        return None
 
-    Both tokenizers must map every token to the same id on their common range. Distributions are then compared
-    over ids [0, V) with V = the smaller tokenizer's size, never over padded embedding rows.
+
+def _definition_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """Which part of the two tokenizer definitions differs in a way that changes ids, or None.
+
+    Compared: the normaliser, the pre-tokenizer, the model (type, settings, merges, vocabulary) and the added tokens
+    both have. Allowed: the padding, truncation and post-processor settings, and extra vocabulary entries or added
+    tokens beyond the other tokenizer's size (one family's tokenizer with more special tokens at the end).
+    """
+    teacher, student = _backend_json(teacher_tokenizer), _backend_json(student_tokenizer)
+    if teacher is None or student is None:
+        return None
+    for part, name in (("normalizer", "normalisers"), ("pre_tokenizer", "pre-tokenizers")):
+        if teacher.get(part) != student.get(part):
+            return f"their {name} differ"
+    teacher_model, student_model = dict(teacher.get("model") or {}), dict(student.get("model") or {})
+    teacher_merges, student_merges = teacher_model.pop("merges", None), student_model.pop("merges", None)
+    teacher_vocab, student_vocab = teacher_model.pop("vocab", None), student_model.pop("vocab", None)
+    # None and "" (no continuing-subword prefix, say) mean the same; tokenizer classes write one or the other.
+    teacher_model = {key: value for key, value in teacher_model.items() if value not in (None, "", False)}
+    student_model = {key: value for key, value in student_model.items() if value not in (None, "", False)}
+    if teacher_model != student_model:
+        return f"their models differ ({teacher_model.get('type')} vs {student_model.get('type')}, or their settings)"
+    if teacher_merges != student_merges:
+        return f"their merges differ (teacher {len(teacher_merges or [])}, student {len(student_merges or [])})"
+    if teacher_vocab != student_vocab:
+        if not (isinstance(teacher_vocab, dict) and isinstance(student_vocab, dict)):
+            return "their vocabularies differ"
+        smaller, larger = sorted((teacher_vocab, student_vocab), key=len)
+        if any(larger.get(token) != index for token, index in smaller.items()) or \
+                any(index < len(smaller) for token, index in larger.items() if token not in smaller):
+            return (f"their vocabularies differ (teacher {len(teacher_vocab)}, student {len(student_vocab)} entries, "
+                    "not one extending the other at the end)")
+
+    def added(definition: dict) -> dict[int, tuple]:
+        return {token["id"]: tuple(token.get(key) for key in ("content", "single_word", "lstrip", "rstrip", "normalized"))
+                for token in definition.get("added_tokens") or []}
+
+    teacher_added, student_added = added(teacher), added(student)
+    for index in sorted(set(teacher_added) & set(student_added)):
+        if teacher_added[index] != student_added[index]:
+            return f"their added token {index} differs ({teacher_added[index][0]!r} vs {student_added[index][0]!r})"
+    return None
+
+
+def tokenization_difference(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> str | None:
+    """Why the two tokenizers would give different ids for the same text, or None when they give the same.
+
+    Identity means the same ids for the same text: the same token at every shared id, the same normaliser,
+    pre-tokenizer, model, merges and vocabulary (`_definition_difference`), and the same ids for each of `texts`
+    (a sample of the dataset's rendered rows). One tokenizer may have more tokens at the end than the other.
     """
     size = min(len(teacher_tokenizer), len(student_tokenizer))
     teacher_tokens, student_tokens = tokens_by_id(teacher_tokenizer, size), tokens_by_id(student_tokenizer, size)
     differing = [index for index in range(size) if teacher_tokens[index] != student_tokens[index]]
+    reason = None
     if differing:
+        reason = f"{len(differing)} ids map to different tokens, first id {differing[0]}"
+    reason = reason or _definition_difference(teacher_tokenizer, student_tokenizer)
+    example = None
+    if texts:
+        teacher_ids = teacher_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        student_ids = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        for row, (text, teacher_row, student_row) in enumerate(zip(texts, teacher_ids, student_ids)):
+            if teacher_row != student_row:
+                example = (f"row {row} of the dataset ({text[:40]!r}...) is {len(teacher_row)} teacher tokens and "
+                           f"{len(student_row)} student tokens")
+                break
+    if reason and example:
+        return f"{reason}; e.g. {example}"
+    return reason or example
+
+
+def shared_vocab_size(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> int:
+    """Number of token ids whose meaning teacher and student share, or a ConfigError if the tokenizers differ.
+
+    The tokenizers must give the same ids for the same text (`tokenization_difference`, with `texts` a sample of the
+    dataset's rendered rows). Distributions are then compared over ids [0, V) with V = the smaller tokenizer's size,
+    never over padded embedding rows.
+    """
+    difference = tokenization_difference(teacher_tokenizer, student_tokenizer, texts)
+    if difference:
         raise ConfigError(
-            f"teacher and student tokenizers differ ({len(differing)} ids map to different tokens, first id "
-            f"{differing[0]}). Logit distillation needs a shared tokenizer; use distil_hidden.py for models with "
-            "different tokenizers."
+            f"teacher and student tokenizers do not give the same ids for the same text: {difference}. Logit "
+            "distillation needs a shared tokenizer; use distil_hidden.py for models with different tokenizers."
         )
+    size = min(len(teacher_tokenizer), len(student_tokenizer))
     if len(teacher_tokenizer) != len(student_tokenizer):
         print_rank0(
             f"warning: teacher tokenizer has {len(teacher_tokenizer)} tokens, student {len(student_tokenizer)}; "
@@ -326,13 +506,12 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer) -> int:
     return size
 
 
-def same_tokenization(teacher_tokenizer, student_tokenizer) -> bool:
-    """True when the teacher can read the student's token ids position by position: the same tokens at the same ids
-    (`shared_vocab_size` without a padded difference in size) and the same chat template."""
+def same_tokenization(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> bool:
+    """True when the teacher can read the student's token ids position by position: the same size, the same chat
+    template and the same ids for the same text (`tokenization_difference`, on `texts` too)."""
     if len(teacher_tokenizer) != len(student_tokenizer) or teacher_tokenizer.chat_template != student_tokenizer.chat_template:
         return False
-    size = len(teacher_tokenizer)
-    return tokens_by_id(teacher_tokenizer, size) == tokens_by_id(student_tokenizer, size)
+    return tokenization_difference(teacher_tokenizer, student_tokenizer, texts) is None
 
 
 def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
@@ -461,4 +640,55 @@ def save_finished_run(trainer, tokenizer, config: dict) -> str:
         tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
             json.dump(config, handle, indent=2, default=str)
+        with open(os.path.join(output_dir, "README.md"), "w") as handle:
+            handle.write(model_card(config, trainer.state.log_history))
     return output_dir
+
+
+def distillation_uses_teacher(config: dict) -> bool:
+    """False for plain SFT (alpha = 0, and no logit term in distil_hidden.py)."""
+    return config["distillation"]["alpha"] > 0 or bool(config["distillation"].get("kd_weight"))
+
+
+def describe_method(config: dict) -> str:
+    """The distillation method and its settings in one sentence, from the resolved config."""
+    distillation = config["distillation"]
+    kd = (f"{distillation['divergence']} at temperature {distillation['temperature']} (times T^2)"
+          if "divergence" in distillation else "")
+    if not distillation_uses_teacher(config):
+        return "supervised fine-tuning (alpha = 0: cross-entropy only, no teacher)"
+    if "layer_map" in distillation:  # distil_hidden.py
+        text = (f"hidden-state distillation: loss = {distillation['alpha']} * {distillation['loss']} between projected "
+                f"student and teacher hidden states (layer map {distillation['layer_map']}) + "
+                f"{1 - distillation['alpha']:g} * CE")
+        return text + (f" + {distillation['kd_weight']} * logit KD, {kd}" if distillation.get("kd_weight") else "")
+    alpha = distillation["alpha"]
+    offline = (config.get("offline") or {}).get("mode")
+    source = f", the teacher's top-{config['offline']['top_k']} read from a capture" if offline == "train" else ""
+    return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{source}"
+
+
+def model_card(config: dict, log_history: list[dict] = ()) -> str:
+    """README.md for a finished run: the student, the teacher, the method, the data, the last logged losses and the
+    resolved config (replacing TRL's SFT card, which knows none of these)."""
+    models, dataset = config["models"], config["dataset"]
+    teacher_used = distillation_uses_teacher(config)
+    local = os.path.isdir(os.path.expanduser(str(models["student"])))
+    header = ["---", "library_name: transformers", "tags: [distillation]"]
+    if not local:
+        header.append(f"base_model: {models['student']}")
+    lines = header + ["---", "", f"# {os.path.basename(os.path.normpath(config['training']['output_dir']))}", "",
+                      f"- Student: `{models['student']}`"]
+    if teacher_used:
+        lines.append(f"- Teacher: `{models['teacher']}`")
+    lines += [f"- Method: {describe_method(config)}",
+              f"- Data: `{dataset['name']}` (split {dataset.get('split')}, format {dataset.get('format')})"]
+    last = {}
+    for entry in log_history:
+        last.update({key: value for key, value in entry.items() if key.endswith("loss") and isinstance(value, (int, float))})
+    if last:
+        lines.append("- Last logged losses: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(last.items())))
+    lines += ["", f"Run `{config.get('project_name')}`. The student loads with `AutoModelForCausalLM.from_pretrained` "
+              "on this folder. The resolved config (also in `distillation_config.json`):", "",
+              "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    return "\n".join(lines)

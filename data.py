@@ -161,6 +161,40 @@ def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
+AUTO_EVAL_ROWS = 500  # eval_size "auto": the smaller of this and 10% of the rows
+
+
+def check_eval_size(eval_size) -> None:
+    """dataset.eval_size is "auto", a row count (int >= 0) or a fraction (float in (0, 1))."""
+    valid = eval_size == "auto" or eval_size is None or (isinstance(eval_size, int) and not isinstance(eval_size, bool)
+                                                         and eval_size >= 0) \
+        or (isinstance(eval_size, float) and 0 <= eval_size < 1)
+    if not valid:
+        raise ConfigError(f"dataset.eval_size must be \"auto\" (10% of the rows, at most {AUTO_EVAL_ROWS}), a row count "
+                          f"or a fraction in (0, 1); got {eval_size!r}.")
+
+
+def rendered_texts(data_config: dict, tokenizer, rows: int = 64) -> list[str]:
+    """The first `rows` rows of the dataset as the model reads them: conversations rendered with the tokenizer's chat
+    template, text rows as they are. A sample on which to check that two tokenizers give the same ids."""
+    name = data_config["name"]
+    raw = load_raw_dataset(name, data_config.get("split", "train"))
+    data_format = dataset_format(raw, data_config.get("format"))
+    texts = []
+    for index in range(min(rows, len(raw))):
+        row = raw[index]
+        if data_format == "text":
+            texts.append(str(row["text"]))
+            continue
+        messages = _row_errors_named(lambda row: to_messages(row, data_format, data_config.get("system_prompt")),
+                                     name)({**row, SOURCE_ROW: index})
+        if tokenizer.chat_template:
+            texts.append(_render(tokenizer, messages, add_generation_prompt=False))
+        else:  # no template to render with (tokenizing will say so): compare the turns' text
+            texts.append("\n".join(message["content"] for message in messages))
+    return texts
+
+
 def dataset_format(raw, requested: str | None) -> str:
     """The format to read `raw` as: `requested` (sharegpt, messages, text), or detected from the columns for auto."""
     if (requested or "auto") == "auto":
@@ -182,11 +216,39 @@ def counted_positions(labels: list[int]) -> int:
     return sum(label != -100 for label in labels[1:])
 
 
+# Each row's index in the dataset as loaded (before shuffling), so that a bad or dropped row can be named.
+SOURCE_ROW = "__source_row__"
+
+
+def with_source_rows(raw):
+    """`raw` with a SOURCE_ROW column: the row's index in the file or split, kept through shuffling."""
+    if SOURCE_ROW in raw.column_names:
+        return raw
+    return raw.add_column(SOURCE_ROW, list(range(len(raw))))
+
+
+def _row_errors_named(tokenize: Callable[[dict], dict], name: str) -> Callable[[dict], dict]:
+    """`tokenize`, whose ConfigError (an unknown role, a malformed turn) names the dataset and the row."""
+    def tokenize_named(row: dict) -> dict:
+        try:
+            return tokenize(row)
+        except ConfigError as error:
+            where = f"row {row[SOURCE_ROW]}" if SOURCE_ROW in row else "a row"
+            raise ConfigError(f"dataset '{name}', {where}: {error}") from None
+    return tokenize_named
+
+
 def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing"):
-    """Map `tokenize` over every row, then drop (and count) rows left with no counted position. Returns
-    (dataset, dropped)."""
-    tokenized = raw.map(tokenize, remove_columns=raw.column_names, desc=description)
-    keep = [i for i, labels in enumerate(tokenized["labels"]) if counted_positions(labels) > 0]
+    """Map `tokenize` over every row, then drop (and count) rows left with no counted position, with a warning that
+    says why and names the first few (by SOURCE_ROW when `raw` has it). Returns (dataset, dropped)."""
+    tokenized = raw.map(_row_errors_named(tokenize, name), remove_columns=raw.column_names, desc=description)
+    keep, no_answer, truncated = [], [], []
+    for i, labels in enumerate(tokenized["labels"]):
+        if counted_positions(labels) > 0:
+            keep.append(i)
+        else:
+            # tokenize_row returns no tokens at all for a conversation without an assistant turn.
+            (truncated if labels else no_answer).append(i)
     dropped = len(tokenized) - len(keep)
     if not keep:
         raise ConfigError(
@@ -195,7 +257,16 @@ def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_lengt
             "check the data."
         )
     if dropped:
-        print_rank0(f"dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token (no assistant turn or truncated)")
+        sources = raw[SOURCE_ROW] if SOURCE_ROW in raw.column_names else list(range(len(raw)))
+        reasons = []
+        for rows, reason in ((no_answer, "no assistant turn"),
+                             (truncated, f"truncated to max_length={max_length} before any assistant token")):
+            if rows:
+                first = sorted(sources[i] for i in rows)
+                shown = ", ".join(map(str, first[:5])) + (", ..." if len(rows) > 5 else "")
+                reasons.append(f"{len(rows)} with {reason} (rows {shown})")
+        print_rank0(f"warning: dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token: "
+                    f"{'; '.join(reasons)}")
     return tokenized.select(keep), dropped
 
 
@@ -219,16 +290,18 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
 
     raw = load_raw_dataset(name, data_config.get("split", "train"))
     data_format = dataset_format(raw, data_config.get("format"))
-    raw = raw.shuffle(seed=data_config["seed"])
+    raw = with_source_rows(raw).shuffle(seed=data_config["seed"])
     if data_config.get("num_samples"):
         raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
     tokenized, dropped = tokenize_all(raw, name, data_format)
     train, evaluation = tokenized, None
     if data_config.get("eval_name"):
-        raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
+        raw_eval = with_source_rows(load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train")))
         evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
     else:
         eval_size = data_config.get("eval_size") or 0
+        if eval_size == "auto":  # 10% of the rows (as the reference DistillKit setup), at most 500
+            eval_size = min(AUTO_EVAL_ROWS, len(tokenized) // 10)
         eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
         if eval_rows >= len(tokenized):
             raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")

@@ -4,7 +4,7 @@ size, layer count and tokenizer: with two tokenizers, hidden states are compared
 token at the same character of a trained span (see README, "Hidden-state distillation").
 
     python distil_hidden.py                                   # one GPU (or the CPU), the inline `config` below
-    accelerate launch distil_hidden.py                        # several GPUs, DDP
+    accelerate launch --multi_gpu --num_processes 8 distil_hidden.py   # 8 GPUs, DDP (keep --multi_gpu: README)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_hidden.py   # DeepSpeed ZeRO-3
     python distil_hidden.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
@@ -37,6 +37,7 @@ from common import (
     LossPartLog,
     apply_spectrum,
     build_sft_config,
+    check_config_keys,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
@@ -49,7 +50,7 @@ from common import (
     same_tokenization,
     save_finished_run,
 )
-from data import check_dataset_path, next_token_mask, prepare_datasets
+from data import check_dataset_path, check_eval_size, next_token_mask, prepare_datasets, rendered_texts
 from losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -79,7 +80,7 @@ config = {
         "split": "train",  # split to read from a Hub dataset
         "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
         "num_samples": None,  # keep only this many rows after shuffling (None: all)
-        "eval_size": 500,  # held-out rows (int) or fraction (float < 1) for evaluation; 0 disables evaluation
+        "eval_size": "auto",  # held-out rows: "auto" = 10% of the rows, at most 500 | an int | a fraction < 1 | 0: none
         "eval_name": None,  # a separate held-out dataset (file or Hub id) instead of splitting eval_size rows off
         "eval_split": "train",  # split of eval_name to read
         "seed": 42,  # shuffling and eval-split seed
@@ -139,9 +140,26 @@ PROJECTIONS_ATTRIBUTE = "hidden_projections"  # the student's submodule holding 
 PAIRED_KEYS = ("teacher_input_ids", "teacher_attention_mask", "student_positions", "teacher_positions")
 
 
+# The keys main() reads, per section. A key missing from an edited `config` (or one it does not know) is one error
+# naming it and the nearest known key; `training` also takes any SFTConfig field. tests/ keep this equal to `config`.
+CONFIG_KEYS = {
+    "project_name": None,
+    "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
+                "system_prompt"),
+    "models": ("teacher", "student"),
+    "tokenizer": ("max_length", "student_chat_template", "teacher_chat_template"),
+    "model_config": ("use_flash_attention",),
+    "distillation": ("layer_map", "loss", "alpha", "kd_weight", "temperature", "divergence", "loss_memory_mb"),
+    "spectrum": ("layers_to_unfreeze",),
+    "training": ("output_dir",),
+}
+
+
 def validate(config: dict) -> None:
-    """Check the distillation settings once, before anything is loaded or written. Layer numbers are checked against
-    the models in main, from their configs, still before anything is loaded."""
+    """Check the config's keys and the distillation settings once, before anything is loaded or written. Layer numbers
+    are checked against the models in main, from their configs, still before anything is loaded."""
+    check_config_keys(config, CONFIG_KEYS)
+    check_eval_size(config["dataset"]["eval_size"])
     distillation = config["distillation"]
     if not 0 <= distillation["alpha"] <= 1:
         raise ConfigError(f"distillation.alpha must be in [0, 1], got {distillation['alpha']} (0: no hidden loss, 1: no CE).")
@@ -286,6 +304,9 @@ class HiddenStatesTrainer(SFTTrainer):
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         super().log(logs, start_time)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
+
     # --- saving and resuming: the student checkpoint stays plain, the projections get their own file ---
 
     def _save(self, output_dir=None, state_dict=None) -> None:
@@ -350,7 +371,8 @@ def main(config: dict) -> HiddenStatesTrainer:
     tokenizers = {"student": tokenizer}
     if use_teacher:
         tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])
-    shared = not use_teacher or same_tokenization(tokenizers["teacher"], tokenizer)
+    shared = not use_teacher or same_tokenization(tokenizers["teacher"], tokenizer,
+                                                  rendered_texts(config["dataset"], tokenizer))
     if distillation["kd_weight"] > 0 and not shared:
         raise ConfigError(
             "distillation.kd_weight > 0 needs teacher and student to share a tokenizer and a chat template (the logit "
@@ -409,7 +431,8 @@ def main(config: dict) -> HiddenStatesTrainer:
         data_collator=None if shared else PairedCollator(tokenizer.pad_token_id, tokenizers["teacher"].pad_token_id),
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
+                                                                   training.get("overwrite_output_dir")))
     output_dir = save_finished_run(trainer, tokenizer, config)
     saved = f"its tokenizer, {PROJECTIONS_FILE}" if projections is not None else "its tokenizer"
     print_rank0(f"saved the student, {saved} and distillation_config.json to {output_dir}")

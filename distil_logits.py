@@ -2,7 +2,7 @@
 mixed with the usual cross-entropy. Teacher and student must share a tokenizer (else use distil_hidden.py).
 
     python distil_logits.py                                   # one GPU (or the CPU), the inline `config` below
-    accelerate launch distil_logits.py                        # several GPUs, DDP
+    accelerate launch --multi_gpu --num_processes 8 distil_logits.py   # 8 GPUs, DDP (keep --multi_gpu: README)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_logits.py   # DeepSpeed ZeRO-3
     python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python distil_logits.py --config capture.yaml             # offline.mode: capture -> store the teacher's top-k once
@@ -35,6 +35,7 @@ from common import (
     LossPartLog,
     apply_spectrum,
     build_sft_config,
+    check_config_keys,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
@@ -47,7 +48,7 @@ from common import (
     save_finished_run,
     shared_vocab_size,
 )
-from data import CHATML_TEMPLATE, check_dataset_path, next_token_mask, prepare_datasets
+from data import CHATML_TEMPLATE, check_dataset_path, check_eval_size, next_token_mask, prepare_datasets, rendered_texts
 from losses import (
     DIVERGENCES,
     add_distillation_forward,
@@ -68,7 +69,7 @@ config = {
         "split": "train",  # split to read from a Hub dataset
         "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
         "num_samples": None,  # keep only this many rows after shuffling (None: all)
-        "eval_size": 500,  # held-out rows (int) or fraction (float < 1) for evaluation; 0 disables evaluation
+        "eval_size": "auto",  # held-out rows: "auto" = 10% of the rows, at most 500 | an int | a fraction < 1 | 0: none
         "eval_name": None,  # a separate held-out dataset (file or Hub id) instead of splitting eval_size rows off
         "eval_split": "train",  # split of eval_name to read
         "seed": 42,  # shuffling and eval-split seed
@@ -130,8 +131,26 @@ config = {
 }
 
 
+# The keys main() reads, per section. A key missing from an edited `config` (or one it does not know) is one error
+# naming it and the nearest known key; `training` also takes any SFTConfig field. tests/ keep this equal to `config`.
+CONFIG_KEYS = {
+    "project_name": None,
+    "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
+                "system_prompt"),
+    "models": ("teacher", "student"),
+    "tokenizer": ("max_length", "chat_template"),
+    "model_config": ("use_flash_attention",),
+    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb"),
+    "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
+    "spectrum": ("layers_to_unfreeze",),
+    "training": ("output_dir",),
+}
+
+
 def validate(config: dict) -> None:
-    """Check the distillation settings once, before anything is loaded or written."""
+    """Check the config's keys and the distillation settings once, before anything is loaded or written."""
+    check_config_keys(config, CONFIG_KEYS)
+    check_eval_size(config["dataset"]["eval_size"])
     distillation = config["distillation"]
     if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
         raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
@@ -236,6 +255,9 @@ class LogitsTrainer(SFTTrainer):
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         super().log(logs, start_time)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
+
 
 def main(config: dict) -> LogitsTrainer:
     """Validate, load, train, save. Returns the trainer (its state holds the logged kd_loss and ce_loss)."""
@@ -249,7 +271,7 @@ def main(config: dict) -> LogitsTrainer:
     vocab_size = len(tokenizer)
     if use_teacher:
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
-        vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer)
+        vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:
         raise ConfigError(f"offline.top_k={offline['top_k']} is larger than the vocabulary ({vocab_size} tokens).")
     train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
@@ -300,7 +322,8 @@ def main(config: dict) -> LogitsTrainer:
         data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else None,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint")))
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
+                                                                   training.get("overwrite_output_dir")))
     output_dir = save_finished_run(trainer, tokenizer, config)
     print_rank0(f"saved the student, its tokenizer and distillation_config.json to {output_dir}")
     return trainer

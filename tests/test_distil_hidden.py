@@ -279,6 +279,8 @@ def test_cross_architecture_cross_tokenizer_end_to_end(assets, hidden_assets, tm
     generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
     assert json.load(open(os.path.join(out, "distillation_config.json")))["distillation"]["layer_map"] == "uniform"
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"- Teacher: `{assets['teacher']}`" in card and "hidden-state distillation: loss = 0.5 * mse" in card
 
 
 def test_resume_restores_the_projections(assets, hidden_assets, tmp_path):

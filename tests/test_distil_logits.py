@@ -1,7 +1,7 @@
 """distil_logits.main end to end on tiny models: losses logged and finite, parameters that must change (trainable)
 and must not (Spectrum-frozen, teacher), a saved student that loads and generates, plain SFT without a teacher,
-one step at batch 4 equal to two accumulated steps at batch 2, resume from a checkpoint, and bad input stopped
-before anything is written."""
+one step at batch 4 equal to two accumulated steps at batch 2, resume from a checkpoint, the model card, and bad
+input stopped before anything is written."""
 
 import json
 import math
@@ -55,6 +55,11 @@ def test_end_to_end_with_spectrum(assets, tmp_path):
 
     saved = json.load(open(os.path.join(out, "distillation_config.json")))
     assert saved["distillation"]["alpha"] == 0.5
+    # The model card names the teacher, the student and the method, not TRL's "fine-tuned version of [None]".
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"- Teacher: `{assets['teacher']}`" in card and f"- Student: `{assets['student']}`" in card
+    assert "logit distillation: loss = 0.5 * KD + 0.5 * CE, KD = forward_kl at temperature 2.0" in card
+    assert "[None]" not in card and "trained with SFT" not in card
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template == config["tokenizer"]["chat_template"]
     student = AutoModelForCausalLM.from_pretrained(out)
