@@ -182,13 +182,36 @@ def counted_positions(labels: list[int]) -> int:
     return sum(label != -100 for label in labels[1:])
 
 
+def tokenization_processes(rows: int) -> int | None:
+    """Worker processes for `datasets.map` over `rows` rows: one per CPU core (at most 8) from 10,000 rows on, where
+    the workers' start-up (each loads the tokenizer) is paid back; None (in-process) below."""
+    if rows < 10_000:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if cores > 1 else None
+
+
 def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing"):
     """Map `tokenize` over every row, then drop (and count) rows left with no counted position. Returns
-    (dataset, dropped)."""
-    tokenized = raw.map(tokenize, remove_columns=raw.column_names, desc=description)
-    keep = [i for i, labels in enumerate(tokenized["labels"]) if counted_positions(labels) > 0]
-    dropped = len(tokenized) - len(keep)
-    if not keep:
+    (dataset, dropped).
+
+    Batched `datasets.map` and `filter`: the rows stream through Arrow files in the datasets cache a thousand at a
+    time, never a whole column in Python, and a second run (or another process) with the same data, tokenizer and
+    settings reads the cached result instead of tokenizing again.
+    """
+    columns = raw.column_names
+
+    def tokenize_batch(batch: dict) -> dict:
+        rows = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
+        tokenized = [tokenize(row) for row in rows]
+        return {key: [row[key] for row in tokenized] for key in (tokenized[0] if tokenized else {})}
+
+    tokenized = raw.map(tokenize_batch, batched=True, remove_columns=columns, desc=description,
+                        num_proc=tokenization_processes(len(raw)))
+    kept = tokenized.filter(lambda labels: [counted_positions(row) > 0 for row in labels], input_columns="labels",
+                            batched=True, desc="Dropping rows with no trainable token")
+    dropped = len(tokenized) - len(kept)
+    if len(kept) == 0:
         raise ConfigError(
             f"no row of dataset '{name}' has a trainable token after formatting and truncation to "
             f"max_length={max_length} (no assistant turn, or max_length too small). Raise tokenizer.max_length or "
@@ -196,7 +219,12 @@ def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_lengt
         )
     if dropped:
         print_rank0(f"dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token (no assistant turn or truncated)")
-    return tokenized.select(keep), dropped
+    return kept, dropped
+
+
+def wants_eval(data_config: dict) -> bool:
+    """Whether `prepare_datasets` will return an evaluation set (known before any data is read)."""
+    return bool(data_config.get("eval_name") or data_config.get("eval_size"))
 
 
 def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Callable | None = None,
@@ -217,24 +245,30 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
     def tokenize_all(raw, dataset_name: str, data_format: str):
         return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description)
 
-    raw = load_raw_dataset(name, data_config.get("split", "train"))
-    data_format = dataset_format(raw, data_config.get("format"))
-    raw = raw.shuffle(seed=data_config["seed"])
-    if data_config.get("num_samples"):
-        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
-    tokenized, dropped = tokenize_all(raw, name, data_format)
-    train, evaluation = tokenized, None
-    if data_config.get("eval_name"):
-        raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
-        evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
-    else:
-        eval_size = data_config.get("eval_size") or 0
-        eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
-        if eval_rows >= len(tokenized):
-            raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
-        if eval_rows > 0:
-            split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
-            train, evaluation = split["train"], split["test"]
+    from accelerate import PartialState
+
+    # The main process loads and tokenizes first, writing the datasets cache; the others then read that cache.
+    with PartialState().main_process_first():
+        raw = load_raw_dataset(name, data_config.get("split", "train"))
+        data_format = dataset_format(raw, data_config.get("format"))
+        raw = raw.shuffle(seed=data_config["seed"])
+        if data_config.get("num_samples"):
+            raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
+        tokenized, dropped = tokenize_all(raw, name, data_format)
+        train, evaluation = tokenized, None
+        if data_config.get("eval_name"):
+            raw_eval = load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train"))
+            evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
+        else:
+            eval_size = data_config.get("eval_size") or 0
+            # A fraction rounds up to at least one row: wants_eval() promised an evaluation set before the data was read.
+            eval_rows = (max(1, int(round(eval_size * len(tokenized)))) if isinstance(eval_size, float) and 0 < eval_size < 1
+                         else int(eval_size))
+            if eval_rows >= len(tokenized):
+                raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
+            if eval_rows > 0:
+                split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
+                train, evaluation = split["train"], split["test"]
     stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
              "eval": 0 if evaluation is None else len(evaluation)}
     print_rank0(f"dataset: {stats}")

@@ -37,11 +37,14 @@ from common import (
     LossPartLog,
     apply_spectrum,
     build_sft_config,
+    check_launch,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
+    peak_memory_mib,
     place_teacher,
+    print_memory_report,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
@@ -49,7 +52,7 @@ from common import (
     same_tokenization,
     save_finished_run,
 )
-from data import check_dataset_path, next_token_mask, prepare_datasets
+from data import check_dataset_path, next_token_mask, prepare_datasets, wants_eval
 from losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -354,6 +357,15 @@ def main(config: dict) -> HiddenStatesTrainer:
         )
     check_chat_templates(config["dataset"], tokenizers)
     max_length = config["tokenizer"]["max_length"]
+    # Before any model loads: the training arguments register DeepSpeed's config with transformers, and only then does
+    # from_pretrained partition each model as it loads (zero.Init) instead of loading it whole per process.
+    args = build_sft_config(
+        config,
+        max_length=max_length,
+        eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+        remove_unused_columns=False,  # the teacher's columns and the alignment must reach compute_loss
+    )
+    check_launch(args, "distil_hidden.py")
     if shared:
         print_rank0("tokenizers: shared; hidden states compared position by position")
         train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, max_length)
@@ -362,7 +374,10 @@ def main(config: dict) -> HiddenStatesTrainer:
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, tokenizers["teacher"], max_length)
 
     student = load_causal_lm(models["student"], config)
+    before = peak_memory_mib()
     teacher = load_causal_lm(models["teacher"], config, trainable=False) if use_teacher else None
+    if teacher is not None:
+        print_memory_report("teacher loaded", before)
     vocab_size = len(tokenizer)
     if distillation["kd_weight"] > 0 and output_vocab_size(teacher) < vocab_size:
         raise ConfigError(f"the teacher's output head has {output_vocab_size(teacher)} rows, fewer than the {vocab_size} "
@@ -379,12 +394,6 @@ def main(config: dict) -> HiddenStatesTrainer:
         print_rank0(f"projections: {len(layer_pairs)} x ({student_hidden_size} -> {teacher_hidden_size}), "
                     f"{sum(p.numel() for p in projections.parameters()):,} parameters")
 
-    args = build_sft_config(
-        config,
-        max_length=max_length,
-        eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no",
-        remove_unused_columns=False,  # the teacher's columns and the alignment must reach compute_loss
-    )
     trainer = HiddenStatesTrainer(
         model=student,
         teacher=teacher,
