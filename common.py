@@ -295,11 +295,31 @@ def load_tokenizer(name: str, chat_template: str | None = None):
     return tokenizer
 
 
+def return_large_frees_to_the_system() -> None:
+    """Make glibc give every freed buffer of 128 KiB or more back to the system at once (Linux; a no-op elsewhere).
+
+    Under ZeRO-3 each layer is gathered to full size, used and freed, while loading and at every forward. glibc raises
+    its mmap threshold to the size of the first large buffer freed (up to 32 MiB), so later layer-sized buffers come
+    from the heap, where freed ones stay resident between live shards: measured +0.15x the teacher's float32 size per
+    rank on top of its half shard with 2 processes (bench/zero3_memory.py, README). A fixed threshold (glibc's initial
+    128 KiB) keeps each large buffer in its own mapping, unmapped when freed.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_causal_lm(name: str, config: dict, trainable: bool = True):
     """Load a causal LM in the configured precision and attention implementation. A frozen model (the teacher) is put
     in eval mode with every dropout probability set to zero and no gradients."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():
+        return_large_frees_to_the_system()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -398,6 +418,32 @@ def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
 
         return prepare_fsdp(teacher, trainer.accelerator)
     return teacher.to(trainer.accelerator.device)
+
+
+def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
+    """The placed teacher's output head as the chunked loss reads it.
+
+    Under FSDP2 the head's weight is a sharded DTensor, and losses.full_head_tensors would all-gather it at every
+    micro-step: vocabulary x hidden, 1.1 GB in bf16 at Qwen2-7B's shape, for one matrix product per counted token. The
+    teacher is frozen, so one copy gathered here never goes stale; it costs that much memory per GPU for the whole
+    run instead of the same traffic every micro-step (README, "FSDP2 and the teacher's head"). Every process calls
+    this at the same point (the gather is a collective). Other engines: the head itself (ZeRO-3 gathers it inside
+    the student's forward, where the memory is scarcer than the traffic).
+    """
+    head = teacher.get_output_embeddings()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return head
+    if not isinstance(head.weight, DTensor):
+        return head
+    gathered = torch.nn.Module()
+    with torch.no_grad():
+        gathered.weight = torch.nn.Parameter(head.weight.to(device).full_tensor(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        gathered.bias = None if bias is None else torch.nn.Parameter(
+            bias.to(device).full_tensor() if isinstance(bias, DTensor) else bias.to(device), requires_grad=False)
+    return gathered
 
 
 # ---------------------------------------------------------------------------------------------------------------------

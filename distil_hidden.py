@@ -51,6 +51,7 @@ from common import (
     run_cli,
     same_tokenization,
     save_finished_run,
+    teacher_head_for_loss,
 )
 from data import check_dataset_path, next_token_mask, prepare_datasets, wants_eval
 from losses import (
@@ -195,7 +196,8 @@ class HiddenStatesTrainer(SFTTrainer):
         if teacher is not None:
             if distillation["kd_weight"] > 0:  # the logit term also needs the teacher's final hidden state
                 self.teacher_layers = sorted(set(self.teacher_layers) | {final_layer(teacher)})
-                self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+                self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
+                self.teacher_transform = head_transform(teacher)
             add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
             self.teacher = place_teacher(teacher, self)
             self.final_layer = final_layer(teacher)

@@ -49,6 +49,7 @@ from common import (
     run_cli,
     save_finished_run,
     shared_vocab_size,
+    teacher_head_for_loss,
 )
 from data import CHATML_TEMPLATE, check_dataset_path, next_token_mask, prepare_datasets, wants_eval
 from losses import (
@@ -191,7 +192,8 @@ class LogitsTrainer(SFTTrainer):
         if teacher is not None and distillation["alpha"] > 0:
             add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
             self.teacher = place_teacher(teacher, self)
-            self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+            self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
+            self.teacher_transform = head_transform(teacher)
             self.teacher_final_layer = final_layer(teacher)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -6,8 +6,9 @@
 Builds a Qwen2 teacher of about 190M parameters (hidden 1024, 17 blocks: ~740 MiB in float32) and a tiny student that
 share the demo's tokenizer, then runs `accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml
 --num_processes 2 distil_logits.py` for one optimizer step through a driver that wraps the teacher's
-`load_causal_lm`: each rank reports its anonymous memory (RssAnon, sampled every 5 ms) and its peak resident memory
-(VmHWM) before and after the teacher loads, and VmHWM at the end of the run. RssAnon leaves out the page cache of the
+`load_causal_lm`, once with distillation.alpha 0.5 and once with alpha 0 (no teacher loaded): each rank reports the
+peak of its anonymous memory over the whole run (RssAnon, sampled every 5 ms) and its peak resident memory (VmHWM).
+What the teacher adds is the difference between the two runs. RssAnon leaves out the page cache of the
 memory-mapped safetensors file that rank 0 reads the checkpoint from; VmHWM counts it.
 
 Target (issue 11): the teacher adds at most 0.65x its float32 size to a rank's peak anonymous memory (a half shard
@@ -20,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -41,7 +41,8 @@ def status():
             values[key] = int(value.split()[0]) / 1024
     return values
 
-peak = {"anon": 0.0}
+start = status()
+peak = {"anon": start["RssAnon"], "loading": 0.0}
 def sample():
     while True:
         peak["anon"] = max(peak["anon"], status()["RssAnon"])
@@ -53,19 +54,18 @@ def load_causal_lm(name, config, trainable=True):
     if trainable:
         return original(name, config, trainable)
     before = status()
-    peak["anon"] = before["RssAnon"]
     model = original(name, config, trainable)
     after = status()
-    report.update(anon_before=before["RssAnon"], anon_peak_loading=max(peak["anon"], after["RssAnon"]),
+    report.update(anon_before=before["RssAnon"],
                   anon_after=after["RssAnon"], hwm_before=before["VmHWM"], hwm_after=after["VmHWM"])
-    peak["anon"] = after["RssAnon"]
     return model
 distil_logits.load_causal_lm = load_causal_lm
 try:
     distil_logits.run_cli(distil_logits.main, distil_logits.config)
 finally:
-    report.update(hwm_end=status()["VmHWM"], anon_peak_after_loading=peak["anon"])
-    print("ZERO3_MEMORY " + json.dumps(report), flush=True)
+    report.update(hwm_end=status()["VmHWM"], anon_peak_run=peak["anon"], anon_start=start["RssAnon"])
+    with open(os.path.join(os.environ["ZERO3_MEMORY_DIR"], f"rank{report['rank']}.json"), "w") as handle:
+        json.dump(report, handle)
 '''
 
 
@@ -98,6 +98,39 @@ def build_assets(folder: str) -> dict:
     return paths
 
 
+def launch(tree: str, assets: dict, folder: str, alpha: float) -> list[dict]:
+    """One optimizer step of a 2-process ZeRO-3 run; each rank's memory report."""
+    run_folder = tempfile.mkdtemp(dir=folder)
+    overrides = {
+        "dataset": {"name": assets["data"], "eval_size": 0, "seed": 0},
+        "models": {"teacher": assets["teacher"], "student": assets["student"]},
+        "tokenizer": {"max_length": 64},
+        "model_config": {"use_flash_attention": False},
+        "distillation": {"alpha": alpha},
+        "training": {"output_dir": os.path.join(run_folder, "out"), "max_steps": 1, "per_device_train_batch_size": 2,
+                     "gradient_accumulation_steps": 1, "warmup_ratio": 0.0, "activation_checkpointing": False,
+                     "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "dataloader_num_workers": 0},
+    }
+    config_path, driver = os.path.join(run_folder, "config.json"), os.path.join(run_folder, "driver.py")
+    with open(config_path, "w") as handle:
+        json.dump(overrides, handle)
+    with open(driver, "w") as handle:
+        handle.write(DRIVER)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "deepspeed_configs", "accelerate_zero3.yaml"), "--num_processes", "2", driver,
+               "--config", config_path]
+    result = subprocess.run(command, cwd=tree, capture_output=True, text=True, timeout=1800,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                 "ZERO3_MEMORY_DIR": run_folder})
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        sys.exit(f"the run failed:\n{log[-4000:]}")
+    for line in log.splitlines():
+        if line.startswith(("memory on rank", "teacher on rank")):
+            print(line)
+    return [json.load(open(os.path.join(run_folder, f"rank{rank}.json"))) for rank in range(2)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", default=ROOT, help="checkout whose distil_logits.py to run (default: this one)")
@@ -112,48 +145,23 @@ def main() -> None:
             assets = build_assets(args.assets or folder)
             with open(assets_file, "w") as handle:
                 json.dump(assets, handle)
-        overrides = {
-            "dataset": {"name": assets["data"], "eval_size": 0, "seed": 0},
-            "models": {"teacher": assets["teacher"], "student": assets["student"]},
-            "tokenizer": {"max_length": 64},
-            "model_config": {"use_flash_attention": False},
-            "training": {"output_dir": os.path.join(folder, "out"), "max_steps": 1, "per_device_train_batch_size": 2,
-                         "gradient_accumulation_steps": 1, "warmup_ratio": 0.0, "activation_checkpointing": False,
-                         "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1,
-                         "dataloader_num_workers": 0},
-        }
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path, "w") as handle:
-            json.dump(overrides, handle)
-        driver = os.path.join(folder, "driver.py")
-        with open(driver, "w") as handle:
-            handle.write(DRIVER)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   os.path.join(ROOT, "deepspeed_configs", "accelerate_zero3.yaml"), "--num_processes", "2", driver,
-                   "--config", config_path]
-        result = subprocess.run(command, cwd=args.tree, capture_output=True, text=True, timeout=1800,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-        log = result.stdout + result.stderr
-        if result.returncode != 0:
-            sys.exit(f"the run failed:\n{log[-4000:]}")
+        with_teacher = launch(args.tree, assets, folder, alpha=0.5)
+        without_teacher = launch(args.tree, assets, folder, alpha=0.0)
     teacher_mib = assets["teacher_parameters"] * 4 / 2**20
-    reports = sorted((json.loads(line) for line in re.findall(r"ZERO3_MEMORY (\{.*\})", log)), key=lambda r: r["rank"])
     print(f"teacher: {assets['teacher_parameters']:,} parameters, {teacher_mib:.0f} MiB in float32; tree {args.tree}")
-    print("| rank | anonymous before | peak while loading | added | added / teacher | after loading | VmHWM before -> after loading | VmHWM at the end |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for report in reports:
-        added = report["anon_peak_loading"] - report["anon_before"]
-        report["added_mib"], report["added_ratio"] = added, added / teacher_mib
-        print(f"| {report['rank']} | {report['anon_before']:.0f} MiB | {report['anon_peak_loading']:.0f} MiB | "
-              f"{added:.0f} MiB | {added / teacher_mib:.2f}x | {report['anon_after']:.0f} MiB | "
-              f"{report['hwm_before']:.0f} -> {report['hwm_after']:.0f} MiB | {report['hwm_end']:.0f} MiB |")
-    for line in log.splitlines():
-        if line.startswith(("memory on rank", "teacher on rank")):
-            print(line)
+    print("| rank | peak anonymous, alpha 0 (no teacher) | peak anonymous, alpha 0.5 | teacher adds | / teacher size "
+          "| peak RSS (VmHWM), alpha 0 | peak RSS, alpha 0.5 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for rank, (a, b) in enumerate(zip(without_teacher, with_teacher)):
+        added = b["anon_peak_run"] - a["anon_peak_run"]
+        b["teacher_adds_mib"], b["teacher_adds_ratio"] = added, added / teacher_mib
+        print(f"| {rank} | {a['anon_peak_run']:.0f} MiB | {b['anon_peak_run']:.0f} MiB | {added:.0f} MiB | "
+              f"{added / teacher_mib:.2f}x | {a['hwm_end']:.0f} MiB | {b['hwm_end']:.0f} MiB |")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump({"date": datetime.date.today().isoformat(), "tree": args.tree, "teacher_mib": teacher_mib,
-                   "teacher_parameters": assets["teacher_parameters"], "ranks": reports}, handle, indent=2)
+                   "teacher_parameters": assets["teacher_parameters"], "with_teacher": with_teacher,
+                   "without_teacher": without_teacher}, handle, indent=2)
 
 
 if __name__ == "__main__":
