@@ -99,3 +99,47 @@ def test_plain_python_launch_with_several_gpus_is_refused(assets, tmp_path, monk
     with pytest.raises(ConfigError, match=rf"accelerate launch --num_processes 4 {script}\.py"):
         module.main(config)
     assert not loaded and not output_dir.exists()
+
+
+GATHER_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from common import teacher_head_for_loss
+torch.manual_seed(0)
+head = torch.nn.Linear(8, 12)
+weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+mesh = init_device_mesh("cpu", (1,))
+head.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]), requires_grad=False)
+head.bias = torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]), requires_grad=False)
+class Teacher(torch.nn.Module):
+    def get_output_embeddings(self):
+        return head
+copy = teacher_head_for_loss(Teacher(), torch.device("cpu"))
+assert not isinstance(copy.weight, DTensor) and not isinstance(copy.bias, DTensor)
+assert torch.equal(copy.weight, weight) and torch.equal(copy.bias, bias) and not copy.weight.requires_grad
+plain = torch.nn.Linear(8, 12)
+assert teacher_head_for_loss(type("T", (torch.nn.Module,), {{"get_output_embeddings": lambda self: plain}})(), "cpu") is plain
+torch.distributed.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_teacher_head_is_gathered_once_into_plain_tensors():
+    """What FSDP2 leaves on the teacher's head (DTensor shards; here one process on a gloo mesh) becomes one plain,
+    frozen copy for the loss; a head that is not sharded is used as it is."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", GATHER_SCRIPT.format(root=ROOT, port=port)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
