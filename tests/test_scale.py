@@ -1,7 +1,8 @@
 """Launch and logging hygiene at scale: a plain `python script` on a machine with several GPUs is refused (the
 Trainer would fall into nn.DataParallel) before anything is loaded or written; the logged loss parts count every
 process even on an epoch's last uneven batch (where accelerate's gather_for_metrics drops samples), cost one
-collective per micro-step and none at the logging step, and a NaN on another process stops this one too."""
+collective per micro-step and none at the logging step, and a NaN on another process stops this one too; the teacher
+head that FSDP2 shards is gathered once into a plain frozen copy for the loss."""
 
 import copy
 import math
