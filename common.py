@@ -204,6 +204,10 @@ def build_sft_config(config: dict, **extra: Any):
         training["bf16"] = training["fp16"] = False
     training.setdefault("report_to", "none")
     training.setdefault("remove_unused_columns", False)
+    if not training.get("packing"):
+        # data.prepare_datasets already tokenized, truncated and dropped rows; TRL's preparation would map and filter
+        # every row again (reading the whole dataset into the process's resident memory). Packing still needs it.
+        training.setdefault("dataset_kwargs", {"skip_prepare_dataset": True})
     training.update(extra)
     return SFTConfig(**training)
 

@@ -204,12 +204,17 @@ def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_lengt
     def tokenize_batch(batch: dict) -> dict:
         rows = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
         tokenized = [tokenize(row) for row in rows]
-        return {key: [row[key] for row in tokenized] for key in (tokenized[0] if tokenized else {})}
+        columns_out = {key: [row[key] for row in tokenized] for key in (tokenized[0] if tokenized else {})}
+        # Counted here, so that dropping rows reads one small column instead of every row's labels again (pages of
+        # the memory-mapped cache that a process reads count in its resident memory).
+        columns_out["counted_positions"] = [counted_positions(row["labels"]) for row in tokenized]
+        return columns_out
 
     tokenized = raw.map(tokenize_batch, batched=True, remove_columns=columns, desc=description,
                         num_proc=tokenization_processes(len(raw)))
-    kept = tokenized.filter(lambda labels: [counted_positions(row) > 0 for row in labels], input_columns="labels",
+    kept = tokenized.filter(lambda counted: [count > 0 for count in counted], input_columns="counted_positions",
                             batched=True, desc="Dropping rows with no trainable token")
+    kept = kept.remove_columns("counted_positions")
     dropped = len(tokenized) - len(kept)
     if len(kept) == 0:
         raise ConfigError(
