@@ -149,8 +149,10 @@ def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokeni
 
     train, evaluation, stats = prepare_datasets(data_config, student_tokenizer, max_length, tokenize,
                                                 description="Tokenizing for student and teacher")
-    aligned = sum(len(positions) for positions in train["student_positions"])
-    trained = sum(counted_positions(labels) for labels in train["labels"])
+    aligned = trained = 0
+    for batch in train.select_columns(["student_positions", "labels"]).iter(batch_size=1000):  # never whole columns
+        aligned += sum(len(positions) for positions in batch["student_positions"])
+        trained += sum(counted_positions(labels) for labels in batch["labels"])
     if aligned == 0:
         raise ConfigError(
             f"aligning the teacher's and the student's tokenizations of '{name}' leaves no position to compare: no "

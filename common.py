@@ -296,8 +296,40 @@ def build_sft_config(config: dict, **extra: Any):
         training["bf16"] = training["fp16"] = False
     training.setdefault("report_to", "none")
     training.setdefault("remove_unused_columns", False)
+    if not training.get("packing"):
+        # data.prepare_datasets already tokenized, truncated and dropped rows; TRL's preparation would map and filter
+        # every row again (reading the whole dataset into the process's resident memory). Packing still needs it.
+        training.setdefault("dataset_kwargs", {"skip_prepare_dataset": True})
     training.update(extra)
     return SFTConfig(**training)
+
+
+def check_launch(args, script: str) -> None:
+    """Refuse a plain `python script` on a machine with several visible GPUs: the Trainer would wrap the student in
+    nn.DataParallel, which splits every tensor argument along dim 0, the distillation inputs (teacher hidden states
+    at counted positions, stored top-k) included, so they no longer match the student's rows."""
+    if args.n_gpu > 1:
+        raise ConfigError(
+            f"{args.n_gpu} GPUs are visible but {script} was started without a distributed launcher (the Trainer "
+            f"would fall back to nn.DataParallel, which splits the distillation inputs wrongly). Run `accelerate "
+            f"launch --num_processes {args.n_gpu} {script}` (or set CUDA_VISIBLE_DEVICES=0 for one GPU)."
+        )
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory (VmHWM) and current anonymous memory (RssAnon), in MiB, from
+    /proc/self/status (Linux; empty elsewhere). Printed per rank around the teacher's loading: under ZeRO-3 each rank
+    must grow by its shard, not by the whole teacher."""
+    found = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    found[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return found
 
 
 def model_dtype(config: dict) -> torch.dtype:
@@ -308,6 +340,17 @@ def model_dtype(config: dict) -> torch.dtype:
     if torch.cuda.is_available() and training.get("fp16"):
         return torch.float16
     return torch.float32
+
+
+def print_memory_report(event: str, before: dict[str, float]) -> None:
+    """Print, on every rank, how `event` moved this process's peak resident memory and its anonymous memory since
+    `before` (a `peak_memory_mib()` reading)."""
+    after = peak_memory_mib()
+    if not after or not before:
+        return
+    print(f"memory on rank {os.environ.get('RANK', '0')}, {event}: peak RSS {before['VmHWM']:.0f} -> "
+          f"{after['VmHWM']:.0f} MiB (+{after['VmHWM'] - before['VmHWM']:.0f}), anonymous {before['RssAnon']:.0f} -> "
+          f"{after['RssAnon']:.0f} MiB (+{after['RssAnon'] - before['RssAnon']:.0f})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,11 +401,31 @@ def load_tokenizer(name: str, chat_template: str | None = None):
     return tokenizer
 
 
+def return_large_frees_to_the_system() -> None:
+    """Make glibc give every freed buffer of 128 KiB or more back to the system at once (Linux; a no-op elsewhere).
+
+    Under ZeRO-3 each layer is gathered to full size, used and freed, while loading and at every forward. glibc raises
+    its mmap threshold to the size of the first large buffer freed (up to 32 MiB), so later layer-sized buffers come
+    from the heap, where freed ones stay resident between live shards: measured +0.15x the teacher's float32 size per
+    rank on top of its half shard with 2 processes (bench/zero3_memory.py, README). A fixed threshold (glibc's initial
+    128 KiB) keeps each large buffer in its own mapping, unmapped when freed.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_causal_lm(name: str, config: dict, trainable: bool = True):
     """Load a causal LM in the configured precision and attention implementation. A frozen model (the teacher) is put
     in eval mode with every dropout probability set to zero and no gradients."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():
+        return_large_frees_to_the_system()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -395,8 +458,10 @@ def freeze_for_inference(model: torch.nn.Module) -> None:
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the model's output head (often padded beyond the tokenizer, e.g. 151936 vs 152064 in Qwen2)."""
-    return model.get_output_embeddings().weight.shape[0]
+    """Rows of the model's output head (often padded beyond the tokenizer, e.g. 151936 vs 152064 in Qwen2). ZeRO-3
+    leaves a partitioned parameter empty and keeps its shape in ds_shape."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 def tokens_by_id(tokenizer, size: int) -> list[str | None]:
@@ -524,7 +589,9 @@ def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
     if trainer.is_deepspeed_enabled:
         from trl.models import prepare_deepspeed
 
+        before = peak_memory_mib()
         placed = prepare_deepspeed(teacher, trainer.accelerator)
+        print_memory_report("teacher placed by DeepSpeed", before)
         held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
         print(f"teacher on rank {trainer.accelerator.process_index}: holds {held:,} of {total:,} parameters", flush=True)
@@ -534,6 +601,32 @@ def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
 
         return prepare_fsdp(teacher, trainer.accelerator)
     return teacher.to(trainer.accelerator.device)
+
+
+def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
+    """The placed teacher's output head as the chunked loss reads it.
+
+    Under FSDP2 the head's weight is a sharded DTensor, and losses.full_head_tensors would all-gather it at every
+    micro-step: vocabulary x hidden, 1.1 GB in bf16 at Qwen2-7B's shape, for one matrix product per counted token. The
+    teacher is frozen, so one copy gathered here never goes stale; it costs that much memory per GPU for the whole
+    run instead of the same traffic every micro-step (README, "FSDP2 and the teacher's head"). Every process calls
+    this at the same point (the gather is a collective). Other engines: the head itself (ZeRO-3 gathers it inside
+    the student's forward, where the memory is scarcer than the traffic).
+    """
+    head = teacher.get_output_embeddings()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return head
+    if not isinstance(head.weight, DTensor):
+        return head
+    gathered = torch.nn.Module()
+    with torch.no_grad():
+        gathered.weight = torch.nn.Parameter(head.weight.to(device).full_tensor(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        gathered.bias = None if bias is None else torch.nn.Parameter(
+            bias.to(device).full_tensor() if isinstance(bias, DTensor) else bias.to(device), requires_grad=False)
+    return gathered
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -573,8 +666,9 @@ def apply_spectrum(model: torch.nn.Module, patterns: list[str]) -> tuple[int, in
         keep = any(pattern.search(name) for pattern in compiled)
         matched |= keep
         parameter.requires_grad_(keep)
-        total += parameter.numel()
-        trainable += parameter.numel() if keep else 0
+        numel = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 partitions at load; ds_numel is whole
+        total += numel
+        trainable += numel if keep else 0
     if not matched:
         raise ConfigError(
             "no parameter name matches the Spectrum file's patterns (was it made for another model?). Example "
@@ -605,29 +699,42 @@ def check_finite_losses(parts: dict[str, float], step: int, output_dir: str, mod
 
 class LossPartLog:
     """Each loss part's exact mean over a logging interval (per token for KD and CE, per aligned position for the
-    hidden loss), whatever the batch split and the number of processes, plus the NaN/inf stop."""
+    hidden loss), whatever the batch split and the number of processes, plus the NaN/inf stop.
+
+    Every micro-step costs one all_reduce of a small tensor holding all the parts' (sum, items) pairs, and one host
+    sync to test it for NaN/inf; the reduced sums stay on the device until the logging step reads them. A plain sum
+    on purpose: `gather_for_metrics` drops the samples accelerate duplicates on an epoch's last uneven batch, and
+    applied to per-process scalars that drops whole processes from the log and from the NaN check.
+    """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        self.sums: dict[str, dict[str, tuple[float, float]]] = {}
+        self.names: dict[str, list[str]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, mode: str, step: int, output_dir: str, **parts: tuple) -> None:
         """parts: name -> (value, normaliser, items), where value * normaliser is this micro-batch's sum over its
-        `items` tokens or positions. Sums are gathered from every process, so all of them stop together on a non-finite term."""
-        sums = self.sums.setdefault(mode, {})
-        gathered = {}
-        for name, (value, normaliser, items) in parts.items():
-            local = torch.stack([value.detach().float() * normaliser, torch.as_tensor(items, device=value.device).float()])
-            total, items = self.accelerator.gather_for_metrics(local.reshape(1, 2)).sum(0).tolist()
-            previous_total, previous_items = sums.get(name, (0.0, 0.0))
-            sums[name] = (previous_total + total, previous_items + items)
-            gathered[name] = total
-        check_finite_losses(gathered, step, output_dir, mode)
+        `items` tokens or positions. Summed over every process, so all of them stop together on a non-finite term."""
+        values = [value.detach().float().reshape(()) for value, _, _ in parts.values()]
+        device = values[0].device
+        local = torch.stack([torch.stack([value * torch.as_tensor(normaliser, device=device).float(),
+                                          torch.as_tensor(items, device=device).float()])
+                             for value, (_, normaliser, items) in zip(values, parts.values())])
+        total = self.accelerator.reduce(local, reduction="sum")  # (parts, 2): the only collective of the step
+        if mode in self.sums:
+            self.sums[mode] += total
+        else:
+            self.names[mode], self.sums[mode] = list(parts), total
+        if not bool(torch.isfinite(total[:, 0]).all()):
+            check_finite_losses(dict(zip(parts, total[:, 0].tolist())), step, output_dir, mode)
 
     def pop_means(self, mode: str) -> dict[str, float]:
         """The means since the last call, named as the Trainer logs them (eval_ prefix in evaluation)."""
         prefix = "eval_" if mode == "eval" else ""
-        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in self.sums.pop(mode, {}).items()}
+        if mode not in self.sums:
+            return {}
+        totals = self.sums.pop(mode).tolist()
+        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)}
 
 
 def save_finished_run(trainer, tokenizer, config: dict) -> str:

@@ -238,36 +238,71 @@ def _row_errors_named(tokenize: Callable[[dict], dict], name: str) -> Callable[[
     return tokenize_named
 
 
+def tokenization_processes(rows: int) -> int | None:
+    """Worker processes for `datasets.map` over `rows` rows: one per CPU core (at most 8) from 10,000 rows on, where
+    the workers' start-up (each loads the tokenizer) is paid back; None (in-process) below."""
+    if rows < 10_000:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if cores > 1 else None
+
+
 def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing"):
     """Map `tokenize` over every row, then drop (and count) rows left with no counted position, with a warning that
-    says why and names the first few (by SOURCE_ROW when `raw` has it). Returns (dataset, dropped)."""
-    tokenized = raw.map(_row_errors_named(tokenize, name), remove_columns=raw.column_names, desc=description)
-    keep, no_answer, truncated = [], [], []
-    for i, labels in enumerate(tokenized["labels"]):
-        if counted_positions(labels) > 0:
-            keep.append(i)
-        else:
-            # tokenize_row returns no tokens at all for a conversation without an assistant turn.
-            (truncated if labels else no_answer).append(i)
-    dropped = len(tokenized) - len(keep)
-    if not keep:
+    says why and names the first few (by SOURCE_ROW when `raw` has it). Returns (dataset, dropped).
+
+    Batched `datasets.map` and `filter`: the rows stream through Arrow files in the datasets cache a thousand at a
+    time, never a whole column in Python, and a second run (or another process) with the same data, tokenizer and
+    settings reads the cached result instead of tokenizing again.
+    """
+    columns = raw.column_names
+    tokenize_named = _row_errors_named(tokenize, name)
+
+    def tokenize_batch(batch: dict) -> dict:
+        rows = [dict(zip(columns, values)) for values in zip(*(batch[column] for column in columns))]
+        tokenized = [tokenize_named(row) for row in rows]
+        columns_out = {key: [row[key] for row in tokenized] for key in (tokenized[0] if tokenized else {})}
+        # Counted here, so that dropping rows reads one small column instead of every row's labels again (pages of
+        # the memory-mapped cache that a process reads count in its resident memory). -1: no token at all (a
+        # conversation without an assistant turn), 0: truncated before any trained token.
+        columns_out["counted_positions"] = [counted_positions(row["labels"]) if row["labels"] else -1
+                                            for row in tokenized]
+        columns_out[SOURCE_ROW] = batch[SOURCE_ROW] if SOURCE_ROW in batch else [-1] * len(rows)
+        return columns_out
+
+    tokenized = raw.map(tokenize_batch, batched=True, remove_columns=columns, desc=description,
+                        num_proc=tokenization_processes(len(raw)))
+    kept = tokenized.filter(lambda counted: [count > 0 for count in counted], input_columns="counted_positions",
+                            batched=True, desc="Dropping rows with no trainable token")
+    dropped = len(tokenized) - len(kept)
+    if len(kept) == 0:
         raise ConfigError(
             f"no row of dataset '{name}' has a trainable token after formatting and truncation to "
             f"max_length={max_length} (no assistant turn, or max_length too small). Raise tokenizer.max_length or "
             "check the data."
         )
     if dropped:
-        sources = raw[SOURCE_ROW] if SOURCE_ROW in raw.column_names else list(range(len(raw)))
-        reasons = []
-        for rows, reason in ((no_answer, "no assistant turn"),
-                             (truncated, f"truncated to max_length={max_length} before any assistant token")):
-            if rows:
-                first = sorted(sources[i] for i in rows)
-                shown = ", ".join(map(str, first[:5])) + (", ..." if len(rows) > 5 else "")
-                reasons.append(f"{len(rows)} with {reason} (rows {shown})")
-        print_rank0(f"warning: dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token: "
-                    f"{'; '.join(reasons)}")
-    return tokenized.select(keep), dropped
+        _warn_dropped(tokenized, name, dropped, max_length)
+    return kept.remove_columns(["counted_positions", SOURCE_ROW]), dropped
+
+
+def _warn_dropped(tokenized, name: str, dropped: int, max_length: int) -> None:
+    """One warning naming how many rows were dropped, why, and the first few (their rows in the file)."""
+    lost = tokenized.filter(lambda counted: [count <= 0 for count in counted], input_columns="counted_positions",
+                            batched=True).select_columns(["counted_positions", SOURCE_ROW])
+    reasons = []
+    for flag, reason in ((-1, "no assistant turn"), (0, f"truncated to max_length={max_length} before any assistant token")):
+        rows = sorted(source for source, count in zip(lost[SOURCE_ROW], lost["counted_positions"]) if count == flag)
+        if rows:
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            reasons.append(f"{len(rows)} with {reason} (rows {shown})")
+    print_rank0(f"warning: dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token: "
+                f"{'; '.join(reasons)}")
+
+
+def wants_eval(data_config: dict) -> bool:
+    """Whether `prepare_datasets` will return an evaluation set (known before any data is read)."""
+    return bool(data_config.get("eval_name") or data_config.get("eval_size"))
 
 
 def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Callable | None = None,
@@ -288,26 +323,32 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
     def tokenize_all(raw, dataset_name: str, data_format: str):
         return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description)
 
-    raw = load_raw_dataset(name, data_config.get("split", "train"))
-    data_format = dataset_format(raw, data_config.get("format"))
-    raw = with_source_rows(raw).shuffle(seed=data_config["seed"])
-    if data_config.get("num_samples"):
-        raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
-    tokenized, dropped = tokenize_all(raw, name, data_format)
-    train, evaluation = tokenized, None
-    if data_config.get("eval_name"):
-        raw_eval = with_source_rows(load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train")))
-        evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
-    else:
-        eval_size = data_config.get("eval_size") or 0
-        if eval_size == "auto":  # 10% of the rows (as the reference DistillKit setup), at most 500
-            eval_size = min(AUTO_EVAL_ROWS, len(tokenized) // 10)
-        eval_rows = int(round(eval_size * len(tokenized))) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
-        if eval_rows >= len(tokenized):
-            raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
-        if eval_rows > 0:
-            split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
-            train, evaluation = split["train"], split["test"]
+    from accelerate import PartialState
+
+    # The main process loads and tokenizes first, writing the datasets cache; the others then read that cache.
+    with PartialState().main_process_first():
+        raw = load_raw_dataset(name, data_config.get("split", "train"))
+        data_format = dataset_format(raw, data_config.get("format"))
+        raw = with_source_rows(raw).shuffle(seed=data_config["seed"])
+        if data_config.get("num_samples"):
+            raw = raw.select(range(min(int(data_config["num_samples"]), len(raw))))
+        tokenized, dropped = tokenize_all(raw, name, data_format)
+        train, evaluation = tokenized, None
+        if data_config.get("eval_name"):
+            raw_eval = with_source_rows(load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train")))
+            evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
+        else:
+            eval_size = data_config.get("eval_size") or 0
+            if eval_size == "auto":  # 10% of the rows (as the reference DistillKit setup), at most 500, at least 1
+                eval_size = max(1, min(AUTO_EVAL_ROWS, len(tokenized) // 10))
+            # A fraction rounds up to at least one row: wants_eval() promised an evaluation set before the data was read.
+            eval_rows = (max(1, int(round(eval_size * len(tokenized)))) if isinstance(eval_size, float) and 0 < eval_size < 1
+                         else int(eval_size))
+            if eval_rows >= len(tokenized):
+                raise ConfigError(f"dataset.eval_size={eval_size} leaves no training rows out of {len(tokenized)}; lower it.")
+            if eval_rows > 0:
+                split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
+                train, evaluation = split["train"], split["test"]
     stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
              "eval": 0 if evaluation is None else len(evaluation)}
     print_rank0(f"dataset: {stats}")

@@ -38,19 +38,30 @@ from common import (
     apply_spectrum,
     build_sft_config,
     check_config_keys,
+    check_launch,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
+    peak_memory_mib,
     place_teacher,
+    print_memory_report,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
     run_cli,
     same_tokenization,
     save_finished_run,
+    teacher_head_for_loss,
 )
-from data import check_dataset_path, check_eval_size, next_token_mask, prepare_datasets, rendered_texts
+from data import (
+    check_dataset_path,
+    check_eval_size,
+    next_token_mask,
+    prepare_datasets,
+    rendered_texts,
+    wants_eval,
+)
 from losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
@@ -214,7 +225,8 @@ class HiddenStatesTrainer(SFTTrainer):
         if teacher is not None:
             if distillation["kd_weight"] > 0:  # the logit term also needs the teacher's final hidden state
                 self.teacher_layers = sorted(set(self.teacher_layers) | {final_layer(teacher)})
-                self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+                self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
+                self.teacher_transform = head_transform(teacher)
             add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
             self.teacher = place_teacher(teacher, self)
             self.final_layer = final_layer(teacher)
@@ -385,6 +397,15 @@ def main(config: dict) -> HiddenStatesTrainer:
         )
     check_chat_templates(config["dataset"], tokenizers)
     max_length = config["tokenizer"]["max_length"]
+    # Before any model loads: the training arguments register DeepSpeed's config with transformers, and only then does
+    # from_pretrained partition each model as it loads (zero.Init) instead of loading it whole per process.
+    args = build_sft_config(
+        config,
+        max_length=max_length,
+        eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+        remove_unused_columns=False,  # the teacher's columns and the alignment must reach compute_loss
+    )
+    check_launch(args, "distil_hidden.py")
     if shared:
         print_rank0("tokenizers: shared; hidden states compared position by position")
         train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, max_length)
@@ -393,7 +414,10 @@ def main(config: dict) -> HiddenStatesTrainer:
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, tokenizers["teacher"], max_length)
 
     student = load_causal_lm(models["student"], config)
+    before = peak_memory_mib()
     teacher = load_causal_lm(models["teacher"], config, trainable=False) if use_teacher else None
+    if teacher is not None:
+        print_memory_report("teacher loaded", before)
     vocab_size = len(tokenizer)
     if distillation["kd_weight"] > 0 and output_vocab_size(teacher) < vocab_size:
         raise ConfigError(f"the teacher's output head has {output_vocab_size(teacher)} rows, fewer than the {vocab_size} "
@@ -410,12 +434,6 @@ def main(config: dict) -> HiddenStatesTrainer:
         print_rank0(f"projections: {len(layer_pairs)} x ({student_hidden_size} -> {teacher_hidden_size}), "
                     f"{sum(p.numel() for p in projections.parameters()):,} parameters")
 
-    args = build_sft_config(
-        config,
-        max_length=max_length,
-        eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no",
-        remove_unused_columns=False,  # the teacher's columns and the alignment must reach compute_loss
-    )
     trainer = HiddenStatesTrainer(
         model=student,
         teacher=teacher,

@@ -36,19 +36,31 @@ from common import (
     apply_spectrum,
     build_sft_config,
     check_config_keys,
+    check_launch,
     check_output_dir,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
+    peak_memory_mib,
     place_teacher,
+    print_memory_report,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
     run_cli,
     save_finished_run,
     shared_vocab_size,
+    teacher_head_for_loss,
 )
-from data import CHATML_TEMPLATE, check_dataset_path, check_eval_size, next_token_mask, prepare_datasets, rendered_texts
+from data import (
+    CHATML_TEMPLATE,
+    check_dataset_path,
+    check_eval_size,
+    next_token_mask,
+    prepare_datasets,
+    rendered_texts,
+    wants_eval,
+)
 from losses import (
     DIVERGENCES,
     add_distillation_forward,
@@ -59,7 +71,8 @@ from losses import (
     student_loss,
     teacher_hidden_at_counted_positions,
 )
-from offline import CaptureRowCollator, TopKCapture, TopKCodec, capture_settings, check_capture_manifest, run_capture
+from offline import (CaptureRowCollator, TopKCapture, TopKCodec, capture_settings, check_capture_manifest, run_capture,
+                     with_row_index)
 
 config = {
     "project_name": "distil-logits",  # a label written into the saved config
@@ -210,7 +223,8 @@ class LogitsTrainer(SFTTrainer):
         if teacher is not None and distillation["alpha"] > 0:
             add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
             self.teacher = place_teacher(teacher, self)
-            self.teacher_head, self.teacher_transform = teacher.get_output_embeddings(), head_transform(teacher)
+            self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
+            self.teacher_transform = head_transform(teacher)
             self.teacher_final_layer = final_layer(teacher)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -274,6 +288,17 @@ def main(config: dict) -> LogitsTrainer:
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:
         raise ConfigError(f"offline.top_k={offline['top_k']} is larger than the vocabulary ({vocab_size} tokens).")
+    args = None
+    if offline["mode"] != "capture":
+        # Before any model loads: the training arguments register DeepSpeed's config with transformers, and only then
+        # does from_pretrained partition each model as it loads (zero.Init) instead of loading it whole per process.
+        # The capture runs the teacher whole on each process, so it builds none.
+        args = build_sft_config(
+            config,
+            max_length=config["tokenizer"]["max_length"],
+            eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+        )
+        check_launch(args, "distil_logits.py")
     train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
     splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
 
@@ -287,11 +312,14 @@ def main(config: dict) -> LogitsTrainer:
         codec = TopKCodec(manifest["vocab_size"], manifest["top_k"])
         capture_readers = {split: capture.load(split, dataset, codec) for split, dataset in splits.items()}
         vocab_size = manifest["vocab_size"]
-        train_dataset = train_dataset.add_column("capture_row", list(range(len(train_dataset))))
+        train_dataset = train_dataset.map(with_row_index, with_indices=True, batched=True, desc="Numbering rows")
         if eval_dataset is not None:
-            eval_dataset = eval_dataset.add_column("capture_row", list(range(len(eval_dataset))))
+            eval_dataset = eval_dataset.map(with_row_index, with_indices=True, batched=True, desc="Numbering rows")
 
+    before = peak_memory_mib()
     teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher else None
+    if teacher is not None:
+        print_memory_report("teacher loaded", before)
     if offline["mode"] == "capture":
         return run_capture(config, teacher, tokenizer, splits, vocab_size)
     student = load_causal_lm(config["models"]["student"], config)
@@ -304,11 +332,6 @@ def main(config: dict) -> LogitsTrainer:
     if patterns:
         apply_spectrum(student, patterns)
 
-    args = build_sft_config(
-        config,
-        max_length=config["tokenizer"]["max_length"],
-        eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no",
-    )
     trainer = LogitsTrainer(
         model=student,
         teacher=teacher,

@@ -3,6 +3,7 @@
 #   1. bf16 distil_logits.py (and distil_hidden.py) on small random models with packing: peak memory, tokens/s
 #   2. DeepSpeed ZeRO-3 with the sharded teacher on one GPU
 #   3. the loss benchmark on CUDA
+#   4. packing under flash_attention_2: a packed batch gives the losses of the same rows padded (tests/test_packing_attention.py)
 # Results go to $OUT (or ./gpu_check_results): results.jsonl and the benchmark's table.
 # Wheels for packages the GPU machine lacks may be placed in .whl/ (see the device notes); they are installed first.
 set -euo pipefail
@@ -28,6 +29,8 @@ print(json.dumps({"dataset": {"name": a["train"], "eval_size": 0, "num_samples":
 PY
 accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml --num_processes 1 distil_logits.py \
     --config /tmp/gpu_check/zero3.json 2>&1 | tee "$RESULTS_DIR/zero3.log" | grep -E "teacher on rank|train_runtime|Error" || true
+echo "--- packing under flash_attention_2: packed batch vs padded rows"
+python3 -m pytest -q -rs tests/test_packing_attention.py 2>&1 | tee "$RESULTS_DIR/packing_check.log" | tail -3 || true
 if [ -f bench/loss_bench.py ]; then
     echo "--- loss benchmark on CUDA"
     python3 bench/loss_bench.py --output "$RESULTS_DIR/loss_bench" 2>&1 | tee "$RESULTS_DIR/loss_bench.log" | tail -30

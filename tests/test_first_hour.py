@@ -12,7 +12,6 @@
    checked in test_distil_logits.py's end-to-end test).
 Item 4 (setup.sh on a stock Python) is tests/test_setup.py."""
 
-import copy
 import json
 import os
 import re

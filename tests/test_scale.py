@@ -1,0 +1,146 @@
+"""Launch and logging hygiene at scale: a plain `python script` on a machine with several GPUs is refused (the
+Trainer would fall into nn.DataParallel) before anything is loaded or written; the logged loss parts count every
+process even on an epoch's last uneven batch (where accelerate's gather_for_metrics drops samples), cost one
+collective per micro-step and none at the logging step, and a NaN on another process stops this one too; the teacher
+head that FSDP2 shards is gathered once into a plain frozen copy for the loss."""
+
+import copy
+import math
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_config
+
+import distil_hidden
+import distil_logits
+from common import ConfigError, LossPartLog, TrainingDivergedError
+
+
+class TwoRankAccelerator:
+    """This process is rank 0 of 2; `other` holds what rank 1 contributes to the next collective. Its
+    gather_for_metrics truncates as accelerate does on an epoch's last uneven batch, where rank 1 only holds
+    duplicated padding samples: the result keeps rank 0's row alone."""
+
+    def __init__(self):
+        self.other = None
+        self.reduces = 0
+        self.gathers = 0
+
+    def reduce(self, tensor, reduction="sum"):
+        assert reduction == "sum"
+        self.reduces += 1
+        return tensor + self.other(tensor)
+
+    def gather_for_metrics(self, tensor):
+        self.gathers += 1
+        return tensor  # rank 1's rows dropped as duplicates
+
+
+def add_step(log, kd, ce, tokens, normaliser, step=1):
+    log.add("train", step, "/nonexistent", kd_loss=(torch.tensor(kd), normaliser, torch.tensor(tokens)),
+            ce_loss=(torch.tensor(ce), normaliser, torch.tensor(tokens)))
+
+
+def test_uneven_last_batch_still_counts_every_rank():
+    """Rank 0: 3 tokens with KD sum 3 x 1.0 and CE sum 3 x 2.0; rank 1: 5 tokens with KD sum 5 x 3.0 and CE sum
+    5 x 4.0 (values given per token, normaliser = tokens). Means over all 8 tokens: KD (3 + 15) / 8, CE (6 + 20) / 8.
+    Dropping rank 1 would give 1.0 and 2.0."""
+    accelerator = TwoRankAccelerator()
+    log = LossPartLog(accelerator)
+    # Rank 1's (sum, items) rows for kd_loss and ce_loss, in the order the parts were passed.
+    accelerator.other = lambda local: torch.tensor([[15.0, 5.0], [20.0, 5.0]])
+    add_step(log, kd=1.0, ce=2.0, tokens=3, normaliser=3)
+    assert log.pop_means("train") == pytest.approx({"kd_loss": 18 / 8, "ce_loss": 26 / 8}, rel=1e-6)
+
+
+def test_one_collective_per_micro_step_and_none_at_logging():
+    accelerator = TwoRankAccelerator()
+    log = LossPartLog(accelerator)
+    accelerator.other = lambda local: torch.zeros_like(local)
+    for step in range(4):
+        add_step(log, kd=1.0 + step, ce=2.0, tokens=2, normaliser=2)
+    assert (accelerator.reduces, accelerator.gathers) == (4, 0)
+    means = log.pop_means("train")
+    assert accelerator.reduces == 4
+    assert means == pytest.approx({"kd_loss": (2 + 4 + 6 + 8) / 8, "ce_loss": 2.0}, rel=1e-6)
+    assert log.pop_means("train") == {}
+
+
+def test_nan_on_the_other_rank_stops_this_one():
+    accelerator = TwoRankAccelerator()
+    log = LossPartLog(accelerator)
+    accelerator.other = lambda local: torch.tensor([[math.nan, 4.0], [1.0, 4.0]])
+    with pytest.raises(TrainingDivergedError, match="kd_loss became non-finite at optimizer step 7"):
+        add_step(log, kd=1.0, ce=2.0, tokens=4, normaliser=4, step=7)
+
+
+def hidden_config(assets, output_dir):
+    config = copy.deepcopy(distil_hidden.config)
+    config["dataset"].update(name=assets["data"], eval_size=4, seed=0)
+    config["models"].update(teacher=assets["teacher"], student=assets["student"])
+    config["tokenizer"]["max_length"] = 64
+    config["model_config"]["use_flash_attention"] = False
+    config["training"].update(output_dir=output_dir, max_steps=1)
+    return config
+
+
+@pytest.mark.parametrize("script", ["distil_logits", "distil_hidden"])
+def test_plain_python_launch_with_several_gpus_is_refused(assets, tmp_path, monkeypatch, script):
+    """What the Trainer sees on a machine with 4 GPUs and no distributed launcher: n_gpu == 4, which makes it wrap
+    the student in nn.DataParallel. The script must stop first, naming the accelerate command."""
+    monkeypatch.setattr(transformers.TrainingArguments, "n_gpu", property(lambda self: 4))
+    output_dir = tmp_path / "out"
+    if script == "distil_logits":
+        module, config = distil_logits, tiny_config(assets, str(output_dir))
+    else:
+        module, config = distil_hidden, hidden_config(assets, str(output_dir))
+    loaded = []
+    monkeypatch.setattr(module, "load_causal_lm", lambda *args, **kwargs: loaded.append(args) or pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match=rf"accelerate launch --num_processes 4 {script}\.py"):
+        module.main(config)
+    assert not loaded and not output_dir.exists()
+
+
+GATHER_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from common import teacher_head_for_loss
+torch.manual_seed(0)
+head = torch.nn.Linear(8, 12)
+weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
+mesh = init_device_mesh("cpu", (1,))
+head.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]), requires_grad=False)
+head.bias = torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]), requires_grad=False)
+class Teacher(torch.nn.Module):
+    def get_output_embeddings(self):
+        return head
+copy = teacher_head_for_loss(Teacher(), torch.device("cpu"))
+assert not isinstance(copy.weight, DTensor) and not isinstance(copy.bias, DTensor)
+assert torch.equal(copy.weight, weight) and torch.equal(copy.bias, bias) and not copy.weight.requires_grad
+plain = torch.nn.Linear(8, 12)
+assert teacher_head_for_loss(type("T", (torch.nn.Module,), {{"get_output_embeddings": lambda self: plain}})(), "cpu") is plain
+torch.distributed.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_teacher_head_is_gathered_once_into_plain_tensors():
+    """What FSDP2 leaves on the teacher's head (DTensor shards; here one process on a gloo mesh) becomes one plain,
+    frozen copy for the loss; a head that is not sharded is used as it is."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", GATHER_SCRIPT.format(root=ROOT, port=port)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
