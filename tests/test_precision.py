@@ -7,7 +7,6 @@ pure-bf16 option keeps the lost part of each update in its Kahan buffers; precis
 refused before anything is loaded; the saved tied student reloads tied; and 2-process DeepSpeed ZeRO-3, which
 gathers the tied head for the loss, trains a tied student as one process does."""
 
-import copy
 import json
 import os
 
@@ -181,3 +180,23 @@ def test_unusable_precision_is_refused_before_loading(assets, tmp_path, settings
     with pytest.raises(ConfigError, match=message):
         distil_logits.main(config)
     assert not os.path.exists(config["training"]["output_dir"])
+
+
+def test_zero3_two_processes_train_a_tied_student_as_one_process(assets, tied_student, tmp_path):
+    """Under ZeRO-3 the tied matrix is partitioned; the loss gathers it as the head (maybe_gather_lm_head_ctx) while
+    the embedding lookup gathers it too, and both gradients must reach the one partitioned parameter: the same losses
+    and weights as one process (1e-4, as tests/test_multiprocess.py allows for ZeRO-3's reductions), saved tied."""
+    from test_multiprocess import assert_same_run, launch, overrides_file
+
+    single, _ = overrides_file(assets, tmp_path, "single", accumulation=4)
+    single["models"]["student"] = tied_student
+    distil_logits.main(single)
+    zero3, path = overrides_file(assets, tmp_path, "zero3", accumulation=2)
+    overrides = json.load(open(path))
+    overrides["models"]["student"] = tied_student
+    json.dump(overrides, open(path, "w"))
+    log = launch(["--config_file", "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2"], path)
+    assert "training on 2 process(es), DistributedType.DEEPSPEED" in log
+    assert_same_run(zero3["training"]["output_dir"], single["training"]["output_dir"], 1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(zero3["training"]["output_dir"])
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
