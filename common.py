@@ -246,9 +246,10 @@ def model_dtype(config: dict, trainable: bool = True) -> torch.dtype:
 
     The student (trainable) is float32 unless `model_config.student_dtype` says bfloat16: mixed precision keeps float32
     master weights and autocasts, because bf16 weights lose AdamW's small updates. The frozen teacher is loaded in the
-    autocast dtype (bf16 or fp16) when mixed precision is on: it is never updated, so there is no update to lose, its
-    matrix products would see 16-bit copies of its weights under autocast anyway, and it takes 2 bytes per parameter
-    instead of 4 (only its norms and softmaxes then run in 16 bits instead of float32).
+    autocast dtype (bf16 or fp16) when mixed precision is on: it is never updated, so there is no update to lose; it
+    takes 2 bytes per parameter instead of 4; and accelerate autocasts only the student's forward, so 16-bit weights are
+    what makes the teacher compute in 16 bits at all (its norms then run in 16 bits too, where autocast would keep
+    float32).
     """
     training = config["training"]
     if trainable:
