@@ -57,6 +57,7 @@ from losses import (
     HIDDEN_LOSSES,
     add_distillation_forward,
     add_hidden_states_forward,
+    check_head_matches_forward,
     final_layer,
     head_transform,
     hidden_state_loss,
@@ -190,7 +191,10 @@ class HiddenStatesTrainer(SFTTrainer):
         self.teacher_layers = sorted({teacher_layer for _, teacher_layer in self.layer_pairs})
         self.aligned_in_step = None
         self.loss_log = LossPartLog(self.accelerator)
+        self.heads_checked = False
+        self.teacher_module = teacher
         add_distillation_forward(self.model, PROJECTIONS_ATTRIBUTE)
+        add_hidden_states_forward(self.model)  # for the head check at the first step
         self.teacher = self.teacher_head = None
         self.teacher_transform = (1.0, None)
         if teacher is not None:
@@ -232,6 +236,11 @@ class HiddenStatesTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        if not self.heads_checked:  # once, in the engine: the logits the CE/KD terms build are the model's own
+            check_head_matches_forward(model, self.model, inputs["input_ids"][:1, :16], "student")
+            if self.teacher_head is not None:  # the logit term: shared tokenizer, so the student's ids fit
+                check_head_matches_forward(self.teacher, self.teacher_module, inputs["input_ids"][:1, :16], "teacher")
+            self.heads_checked = True
         labels = inputs["labels"]
         rows, student_positions, teacher_positions = self.aligned_positions(inputs)
         student_inputs = {key: value for key, value in inputs.items() if key not in PAIRED_KEYS and key != "labels"}

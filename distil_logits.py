@@ -54,6 +54,7 @@ from losses import (
     DIVERGENCES,
     add_distillation_forward,
     add_hidden_states_forward,
+    check_head_matches_forward,
     final_layer,
     head_transform,
     student_loss,
@@ -187,7 +188,10 @@ class LogitsTrainer(SFTTrainer):
         self.teacher = self.teacher_head = None
         self.teacher_transform = (1.0, None)
         self.loss_log = LossPartLog(self.accelerator)
+        self.heads_checked = False
         add_distillation_forward(self.model)
+        add_hidden_states_forward(self.model)  # for the head check at the first step
+        self.teacher_module = teacher
         if teacher is not None and distillation["alpha"] > 0:
             add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
             self.teacher = place_teacher(teacher, self)
@@ -196,6 +200,11 @@ class LogitsTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        if not self.heads_checked:  # once, in the engine: the logits the loss builds are the model's own
+            check_head_matches_forward(model, self.model, inputs["input_ids"][:1, :16], "student")
+            if self.teacher is not None:
+                check_head_matches_forward(self.teacher, self.teacher_module, inputs["input_ids"][:1, :16], "teacher")
+            self.heads_checked = True
         labels, capture_rows = inputs["labels"], inputs.get("capture_row")
         student_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
         student_inputs["use_cache"] = False

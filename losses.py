@@ -17,7 +17,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from common import ConfigError
+from common import ConfigError, print_rank0
 from data import next_token_mask
 from projections import projection_key
 
@@ -222,12 +222,50 @@ def transform_logits_(logits: torch.Tensor, scale: float, softcap: float | None)
 
 def head_logits(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None]) -> torch.Tensor:
     """float32 logits of a few rows of hidden states, exactly as the chunked loss builds them (no gradient)."""
-    logits = hidden @ head.weight.t()
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias
+    weight, bias = full_head_tensors(head)
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
     logits = logits.float()
     transform_logits_(logits, *transform)
     return logits
+
+
+def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Module, input_ids: torch.Tensor,
+                               name: str) -> None:
+    """Stop with one clear error when the model's own logits differ from what the chunked loss builds from its final
+    hidden state (head weight and bias, then `head_transform`): a model that does anything else between its backbone
+    and its head would otherwise train on a different loss without anyone noticing.
+
+    `model` is what the engine runs (DDP / DeepSpeed wrapper, or the model itself), patched by
+    `add_hidden_states_forward`; `unwrapped` is the bare model. Runs two short forwards in eval mode. The tolerance allows bf16/fp16 rounding of logits, far below the effect
+    of a missing scale or soft-cap on a real model's logits.
+    """
+    head, transform, last = unwrapped.get_output_embeddings(), head_transform(unwrapped), final_layer(unwrapped)
+    if hasattr(head.weight, "ds_id"):
+        # ZeRO-3 records the order modules run in and prefetches by it: a forward that calls the head would make it
+        # prefetch the head into the training steps' own gather of it, which fails. The same model is checked in
+        # one-process and DDP runs.
+        print_rank0(f"head check of the {name} skipped under ZeRO-3 (it runs without ZeRO-3)")
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, use_cache=False).logits.float()
+            hidden = model(input_ids=input_ids, hidden_layers=[last])[last]
+            got = head_logits(hidden, head, transform)
+    finally:
+        model.train(was_training)
+    low_precision = hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
+    error = ((got - expected).abs().max() / expected.std().clamp(min=1e-6)).item()
+    if not error <= (5e-2 if low_precision else 1e-3):
+        raise ConfigError(
+            f"the {name}'s logits differ from its final hidden state through its output head (scale {transform[0]}, "
+            f"soft-cap {transform[1]}) by {error:.3g} of their spread on a short row: {type(unwrapped).__name__} does "
+            "something between backbone and head that losses.head_transform does not know, so the chunked loss would "
+            "train on other logits. Add that transform to losses.head_transform."
+        )
 
 
 def full_head_tensors(head: torch.nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -250,15 +288,26 @@ def full_head_tensors(head: torch.nn.Module | None) -> tuple[torch.Tensor | None
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def chunk_tokens_for_budget(vocab: int, memory_budget_mb: float, copies: int = 8) -> int:
-    """Tokens per chunk so that the chunk's float32 (tokens, vocab) temporaries fit in the budget.
+def chunk_tokens_for_budget(vocab: int, memory_budget_mb: float, dtype: torch.dtype = torch.float32,
+                            device: torch.device | str = "cpu", divergence: str = "forward_kl") -> int:
+    """Tokens per chunk so that what the chunked kernel holds fits in `memory_budget_mb`: at least 16 and a multiple
+    of 16 so the matrix products keep an efficient shape.
 
-    One chunk holds about `copies` float32 arrays of (chunk, vocab): student and teacher logits, both log-softmaxes,
-    their probabilities and the logit gradient. chunk = budget / (copies * 4 bytes * vocab), at least 16 and a
-    multiple of 16 so the matrix products keep an efficient shape.
+    Per (token, vocabulary entry) of a chunk it holds the two reused logit buffers (student, teacher) in the matmul
+    `dtype`, and the float32 temporaries of the softmax arithmetic on a block of tokens: the two log-softmaxes, a
+    float32 copy of each buffer when the buffers are bf16/fp16, and for the divergences differentiated with autograd
+    (all but forward and reverse KL) about 8 more. On CUDA a block is the whole chunk; on the CPU a block is at most
+    CPU_BLOCK_BYTES per temporary, so beyond one block the temporaries stop growing with the chunk.
     """
-    chunk = int(memory_budget_mb * 2**20 / (copies * 4 * vocab))
-    return max(16, chunk // 16 * 16)
+    device = torch.device(device)
+    budget = memory_budget_mb * 2**20
+    buffers = 2 * torch.empty((), dtype=dtype).element_size()
+    temporaries = 2 + (2 if buffers < 8 else 0) + (0 if divergence in ("forward_kl", "reverse_kl") else 8)
+    chunk = budget / (vocab * (buffers + 4 * temporaries))
+    block = block_tokens(vocab, device)
+    if chunk > block:
+        chunk = max(block, (budget - temporaries * CPU_BLOCK_BYTES) / (vocab * buffers))
+    return max(16, int(chunk) // 16 * 16)
 
 
 # Bytes of one float32 (block, vocab) temporary on the CPU; a block holds 2 (the two log-softmaxes) besides its rows
@@ -285,6 +334,16 @@ def _addmm_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         accumulator.addmm_(a.float(), b.float())
 
 
+def _mm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (float32) = a @ b, accumulated in float32 where the hardware can."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b.float(), out=out)
+    elif out.device.type == "cuda":
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     """Everything the kernel needs besides its tensors (see `chunked_distillation_loss` for the meaning)."""
@@ -292,6 +351,8 @@ class LossSettings:
     kd_weight: float
     ce_weight: float
     num_items_in_batch: int | torch.Tensor
+    needs_grad: bool  # grad mode was on and an input of the student requires grad (off in evaluation)
+    matmul_dtype: torch.dtype | None  # autocast's dtype when the caller ran under autocast, else the heads' own
     divergence: str
     temperature: float
     vocab_size: int
@@ -350,17 +411,17 @@ def _kd_against_stored_topk(scaled: torch.Tensor, stored: tuple, settings: LossS
     return block_sum.detach(), grad
 
 
-def _write_logit_gradient(raw, s, log_probs, targets, grad_kd, slope, kd_weight, ce_weight, scale) -> None:
-    """Overwrite the block's logits `raw` with d loss / d raw logits: softmax(s) - onehot(target) for CE, plus the KD
-    gradient, through the head transform's slope."""
-    grad = torch.exp(log_probs, out=s).mul_(ce_weight)
-    grad[torch.arange(s.shape[0], device=s.device), targets] -= ce_weight
+def _write_logit_gradient(raw, s, log_probs, targets, grad_kd, slope, kd_scale, ce_scale, logit_scale) -> None:
+    """Overwrite the block's logits `raw` with N * d loss / d raw logits: ce_scale * (softmax(s) - onehot(target)) plus
+    kd_scale times the KD gradient, through the head transform's slope."""
+    grad = torch.exp(log_probs, out=s).mul_(ce_scale)
+    grad[torch.arange(s.shape[0], device=s.device), targets] -= ce_scale
     if grad_kd is not None:
-        grad[:, : grad_kd.shape[1]].addcmul_(grad_kd, kd_weight)
+        grad[:, : grad_kd.shape[1]].add_(grad_kd, alpha=kd_scale)
     if slope is not None:
         grad.mul_(slope)
-    elif scale != 1.0:
-        grad.mul_(scale)
+    elif logit_scale != 1.0:
+        grad.mul_(logit_scale)
     if grad is not raw:
         raw.copy_(grad)
 
@@ -369,69 +430,23 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
     """kd_weight * KD + ce_weight * CE from hidden states, gradients computed chunk by chunk during the forward.
 
     Memory: two (chunk, vocab) logit buffers, one per head, allocated once per call and reused by every chunk; the
-    student's is overwritten in place with d loss / d logits. When the head is float32, `buffer.float()` is the buffer
-    itself, so the softmax arithmetic writes over it too; in lower precision it works on a float32 copy of each block.
-    The softmax arithmetic runs on blocks of tokens (`block_tokens`) so that it stays in the CPU's cache.
+    student's is overwritten in place with d loss / d logits. When the buffer is float32, `buffer.float()` is the
+    buffer itself, so the softmax arithmetic writes over it too; in lower precision it works on a float32 copy of each
+    block. The softmax arithmetic runs on blocks of tokens (`block_tokens`) so that it stays in the CPU's cache.
+
+    Precision: the head matmuls run in `matmul_dtype` (autocast's bf16 / fp16 when the caller autocasts, as the
+    model's own head would); everything after them runs in float32 with autocast switched off, so that no einsum or
+    reduction is lowered. The logit gradient is written without the 1/N normaliser (its entries are O(1), so fp16
+    buffers neither underflow nor lose the small ones), and 1/N and the caller's gradient scale (GradScaler's 65,536
+    under fp16) are applied in float32 in backward, to float32 accumulators for the hidden states and the head.
     """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 targets, settings: LossSettings):
-        needs_grad = student_hidden.requires_grad or student_weight.requires_grad
-        device, tokens, temperature = student_hidden.device, student_hidden.shape[0], settings.temperature
-        num_items_in_batch = torch.as_tensor(settings.num_items_in_batch, dtype=torch.float32, device=device).clamp(min=1)
-        use_teacher = settings.kd_weight != 0 and settings.stored_topk is None
-        use_topk = settings.kd_weight != 0 and settings.stored_topk is not None
-        kd_weight = settings.kd_weight * temperature / num_items_in_batch  # d(T^2 * D)/ds = T * dD/d(s/T)
-        ce_weight = settings.ce_weight / num_items_in_batch
-        kd_sum = torch.zeros((), dtype=torch.float32, device=device)
-        ce_sum = torch.zeros_like(kd_sum)
-        chunk = min(settings.chunk_tokens, max(tokens, 1))
-        student_logits = torch.empty((chunk, student_weight.shape[0]), dtype=student_weight.dtype, device=device)
-        teacher_logits = (torch.empty((chunk, teacher_weight.shape[0]), dtype=teacher_weight.dtype, device=device)
-                          if use_teacher else None)
-        if needs_grad:
-            grad_hidden = torch.empty_like(student_hidden)
-            grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
-            grad_bias = None if student_bias is None else torch.zeros_like(student_bias, dtype=torch.float32)
-        block = block_tokens(student_weight.shape[0], device)
-        for start in range(0, tokens, chunk):
-            end = min(start + chunk, tokens)
-            hidden, logits = student_hidden[start:end], student_logits[: end - start]
-            _project(hidden, student_weight, student_bias, logits)
-            if use_teacher:
-                teacher = _project(teacher_hidden[start:end], teacher_weight, teacher_bias, teacher_logits[: end - start])
-            for first in range(0, end - start, block):
-                last = min(first + block, end - start)
-                raw = logits[first:last]
-                s = raw.float()  # a view when the head is float32: the gradient then overwrites the logits in place
-                slope = transform_logits_(s, *settings.student_transform)
-                block_targets = targets[start + first : start + last]
-                log_probs = F.log_softmax(s, -1)
-                ce_sum -= log_probs.gather(1, block_targets[:, None]).sum()
-                grad_kd = None
-                if use_teacher or use_topk:
-                    scaled = s[:, : settings.vocab_size]  # s itself is not needed any more: the CE's log-softmax is taken
-                    if use_teacher:
-                        if temperature != 1:
-                            scaled.div_(temperature)
-                        block_sum, grad_kd = _kd_against_teacher(scaled, teacher[first:last].float(), settings,
-                                                                 needs_grad)
-                    else:
-                        stored = tuple(x[start + first : start + last] for x in settings.stored_topk)
-                        block_sum, grad_kd = _kd_against_stored_topk(scaled / temperature, stored, settings, needs_grad)
-                    kd_sum += block_sum
-                if needs_grad:
-                    _write_logit_gradient(raw, s, log_probs, block_targets, grad_kd, slope, kd_weight, ce_weight,
-                                          settings.student_transform[0])
-            if needs_grad:
-                _accumulate_head_gradients(logits, hidden, student_weight, grad_hidden[start:end], grad_weight, grad_bias)
-        del student_logits, teacher_logits
-        ctx.save_for_backward(*((grad_hidden, grad_weight, grad_bias) if needs_grad else (None, None, None)))
-        ctx.weight_dtype = student_weight.dtype
-        kd_loss, ce_loss = kd_sum * temperature**2 / num_items_in_batch, ce_sum / num_items_in_batch
-        ctx.mark_non_differentiable(kd_loss, ce_loss)
-        return settings.kd_weight * kd_loss + settings.ce_weight * ce_loss, kd_loss, ce_loss
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return _chunked_forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                    teacher_bias, targets, settings)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
@@ -440,12 +455,90 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
                                "gradients are computed in the forward and scaled in place, so a second pass would be "
                                "wrong. Recompute the loss instead.")
         ctx.backward_done = True
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # In place: a scaled copy would hold a second (vocab, hidden) gradient while autograd assigns it.
-        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        grad_bias = None if grad_bias is None else grad_bias.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        # In place and in float32: a scaled copy would hold a second (vocab, hidden) gradient while autograd assigns it.
+        scale = grad_loss.float() / ctx.num_items_in_batch
+        grads = [None if grad is None else grad.mul_(scale).to(dtype)
+                 for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+def _loss_on_block(raw, targets, teacher_raw, stored, settings: LossSettings, needs_grad: bool, kd_scale: float):
+    """(sum of log q(target), sum of KD) over one block of tokens; with gradients, `raw` (the student's logits of the
+    block) is overwritten with N * d loss / d logits."""
+    temperature = settings.temperature
+    s = raw.float()  # a view when the buffer is float32: the gradient then overwrites the logits in place
+    slope = transform_logits_(s, *settings.student_transform)
+    log_probs = F.log_softmax(s, -1)
+    ce_part = log_probs.gather(1, targets[:, None]).sum()
+    kd_part, grad_kd = 0.0, None
+    if teacher_raw is not None or stored is not None:
+        scaled = s[:, : settings.vocab_size]  # s itself is not needed any more: the CE's log-softmax is taken
+        if teacher_raw is not None:
+            if temperature != 1:
+                scaled.div_(temperature)
+            kd_part, grad_kd = _kd_against_teacher(scaled, teacher_raw.float(), settings, needs_grad)
+        else:
+            kd_part, grad_kd = _kd_against_stored_topk(scaled / temperature, stored, settings, needs_grad)
+    if needs_grad:
+        _write_logit_gradient(raw, s, log_probs, targets, grad_kd, slope, kd_scale, settings.ce_weight,
+                              settings.student_transform[0])
+    return ce_part, kd_part
+
+
+def _chunked_forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                     targets, settings: LossSettings):
+    """The body of `_ChunkedDistillationLoss.forward` (autocast off)."""
+    device, tokens, temperature = student_hidden.device, student_hidden.shape[0], settings.temperature
+    num_items_in_batch = torch.as_tensor(settings.num_items_in_batch, dtype=torch.float32, device=device).clamp(min=1)
+    needs_hidden_grad, needs_weight_grad, needs_bias_grad = (settings.needs_grad and needed
+                                                             for needed in ctx.needs_input_grad[:3])
+    needs_grad = needs_hidden_grad or needs_weight_grad or needs_bias_grad
+    use_teacher = settings.kd_weight != 0 and settings.stored_topk is None
+    use_topk = settings.kd_weight != 0 and settings.stored_topk is not None
+    # The heads in the matmul dtype: a copy only when autocast asks for a dtype the weights are not stored in.
+    weight = student_weight.to(settings.matmul_dtype or student_weight.dtype)
+    hidden_all = student_hidden.to(weight.dtype)
+    if use_teacher:
+        teacher_weight = teacher_weight.to(settings.matmul_dtype or teacher_weight.dtype)
+        teacher_hidden = teacher_hidden.to(teacher_weight.dtype)
+    bias = None if student_bias is None else student_bias.to(weight.dtype)
+    teacher_bias = None if teacher_bias is None or not use_teacher else teacher_bias.to(teacher_weight.dtype)
+    kd_scale = settings.kd_weight * temperature  # d(T^2 * D)/ds = T * dD/d(s/T); 1/N is applied in backward
+    kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+    ce_sum = torch.zeros_like(kd_sum)
+    chunk = min(settings.chunk_tokens, max(tokens, 1))
+    student_logits = torch.empty((chunk, weight.shape[0]), dtype=weight.dtype, device=device)
+    teacher_logits = (torch.empty((chunk, teacher_weight.shape[0]), dtype=teacher_weight.dtype, device=device)
+                      if use_teacher else None)
+    grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if needs_hidden_grad else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs_weight_grad else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) if needs_bias_grad else None
+    block = block_tokens(weight.shape[0], device)
+    for start in range(0, tokens, chunk):
+        end = min(start + chunk, tokens)
+        hidden, logits = hidden_all[start:end], student_logits[: end - start]
+        _project(hidden, weight, bias, logits)
+        if use_teacher:
+            teacher = _project(teacher_hidden[start:end], teacher_weight, teacher_bias, teacher_logits[: end - start])
+        for first in range(0, end - start, block):
+            last = min(first + block, end - start)
+            stored = None if not use_topk else tuple(x[start + first : start + last] for x in settings.stored_topk)
+            ce_part, kd_part = _loss_on_block(
+                logits[first:last], targets[start + first : start + last],
+                teacher[first:last] if use_teacher else None, stored, settings, needs_grad, kd_scale)
+            ce_sum -= ce_part
+            kd_sum += kd_part
+        if needs_grad:
+            _accumulate_head_gradients(logits, hidden, weight, None if grad_hidden is None else grad_hidden[start:end],
+                                       grad_weight, grad_bias)
+    del student_logits, teacher_logits
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
+                        None if student_bias is None else student_bias.dtype)
+    ctx.num_items_in_batch = num_items_in_batch
+    kd_loss, ce_loss = kd_sum * temperature**2 / num_items_in_batch, ce_sum / num_items_in_batch
+    ctx.mark_non_differentiable(kd_loss, ce_loss)
+    return settings.kd_weight * kd_loss + settings.ce_weight * ce_loss, kd_loss, ce_loss
 
 
 def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -457,12 +550,12 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _accumulate_head_gradients(grad_logits, hidden, weight, grad_hidden, grad_weight, grad_bias) -> None:
-    """grad_hidden = g @ W, grad_weight += g^T @ h, grad_bias += sum g, for one chunk's logit gradient g."""
-    if grad_hidden.dtype == grad_logits.dtype:
-        torch.mm(grad_logits, weight, out=grad_hidden)
-    else:
-        grad_hidden.copy_(grad_logits @ weight)
-    _addmm_fp32(grad_weight, grad_logits.t(), hidden)
+    """grad_hidden = g @ W, grad_weight += g^T @ h, grad_bias += sum g (float32 accumulators; None: not needed), for
+    one chunk's logit gradient g."""
+    if grad_hidden is not None:
+        _mm_fp32(grad_hidden, grad_logits, weight)
+    if grad_weight is not None:
+        _addmm_fp32(grad_weight, grad_logits.t(), hidden)
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
 
@@ -503,12 +596,21 @@ def chunked_distillation_loss(
     teacher_weight, teacher_bias = full_head_tensors(teacher_head)
     if teacher_head is None and stored_topk is None:
         kd_weight = 0.0
+    device_type = student_hidden.device.type
+    # Inside an autograd Function grad mode is always off, so whether to build gradients is decided here: never in
+    # evaluation (no_grad), whatever requires_grad says.
+    needs_grad = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (student_hidden, student_weight, student_bias))
+    matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     settings = LossSettings(
+        needs_grad=needs_grad, matmul_dtype=matmul_dtype,
         kd_weight=float(kd_weight), ce_weight=float(ce_weight), divergence=divergence, temperature=float(temperature),
         vocab_size=vocab_size or student_weight.shape[0], beta=beta, skew=skew,
         num_items_in_batch=targets.shape[0] if num_items_in_batch is None else num_items_in_batch,
         student_transform=student_transform, teacher_transform=teacher_transform,
-        chunk_tokens=chunk_tokens_for_budget(student_weight.shape[0], memory_budget_mb), stored_topk=stored_topk,
+        chunk_tokens=chunk_tokens_for_budget(student_weight.shape[0], memory_budget_mb, matmul_dtype or student_weight.dtype,
+                                             student_hidden.device, divergence),
+        stored_topk=stored_topk,
     )
     return _ChunkedDistillationLoss.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, settings

@@ -20,7 +20,7 @@ from common import ConfigError, freeze_for_inference, print_rank0, tokens_by_id
 from data import counted_positions
 from losses import (
     add_hidden_states_forward,
-    chunk_tokens_for_budget,
+    check_head_matches_forward,
     final_layer,
     head_logits,
     head_transform,
@@ -305,6 +305,8 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
     teacher.to(state.device)
     freeze_for_inference(teacher)
     add_hidden_states_forward(teacher)
+    first_row = next(iter(splits.values()))[0]["input_ids"][:16]
+    check_head_matches_forward(teacher, teacher, torch.tensor([first_row], device=state.device), "teacher")
     tokens, start_time = 0, time.time()
     for split, dataset in splits.items():
         done = capture.rows_written(split)
@@ -347,7 +349,8 @@ def _capture_rows(teacher, examples: list[dict], pad_id: int, codec: TopKCodec, 
     hidden = teacher_hidden_at_counted_positions(teacher, inputs, labels.to(device), final_layer(teacher))
     head, transform = teacher.get_output_embeddings(), head_transform(teacher)
     # The head's logits a chunk of positions at a time: the (positions, vocab) logits never exist whole.
-    chunk = chunk_tokens_for_budget(head.weight.shape[0], config["distillation"]["loss_memory_mb"], copies=4)
+    # Held per (position, vocabulary entry), float32: the logits, their log-softmax and two top-k/tail temporaries.
+    chunk = max(16, int(config["distillation"]["loss_memory_mb"] * 2**20 / (16 * head.weight.shape[0])) // 16 * 16)
     encoded = []
     with torch.no_grad():
         for begin in range(0, hidden.shape[0], chunk):

@@ -241,7 +241,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     student_head = types.SimpleNamespace(weight=ws, bias=None)
     teacher_head = types.SimpleNamespace(weight=wt, bias=None)
     budget = settings["memory_budget_mb"]
-    chunk = losses.chunk_tokens_for_budget(vocab, budget)
+    chunk = losses.chunk_tokens_for_budget(vocab, budget, ws.dtype, ws.device, divergence)
 
     if name == "full_logits":
         # One extra row at the end so that the causal shift of the reference functions counts all T positions.
@@ -260,7 +260,10 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     if name == "chunked" or name.startswith("chunked@"):
         module = losses if name == "chunked" else module_at_revision(name.split("@", 1)[1])
         loss_function = module.chunked_distillation_loss
-        facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget)}
+        try:
+            facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget, ws.dtype, ws.device, divergence)}
+        except TypeError:  # before the estimate knew the dtype, device and divergence
+            facts = {"chunk_tokens": module.chunk_tokens_for_budget(vocab, budget)}
         block_tokens = getattr(module, "block_tokens", getattr(module, "row_block_tokens", None))
         if block_tokens is not None:
             if settings.get("block_kib"):
@@ -339,8 +342,12 @@ def worker(name: str, size: dict, settings: dict) -> dict:
         inputs["student_hidden"].grad = inputs["student_weight"].grad = None
 
     def step() -> float:
-        loss = run()
-        loss.backward()
+        if settings.get("eval"):  # evaluation: the forward under no_grad, as the Trainer's prediction step runs it
+            with torch.no_grad():
+                loss = run()
+        else:
+            loss = run()
+            loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return loss.item()
@@ -515,6 +522,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed steps per variant (default: per size in config)")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {config['warmup']})")
     parser.add_argument("--threads", type=int, help="torch threads in each variant's process (default: torch's)")
+    parser.add_argument("--eval", action="store_true", help="time the forward under torch.no_grad() (evaluation), "
+                        "without backward")
     parser.add_argument("--baseline-rev", help="also run chunked@REV: the chunked loss at this git revision")
     parser.add_argument("--block-kib", type=float, help="chunked: KiB per row-block temporary on the CPU "
                         "(losses.CPU_BLOCK_BYTES)")
@@ -542,6 +551,7 @@ def main() -> None:
     if args.threads:
         settings["threads"] = args.threads
     settings["memory_budget_mb"] = args.memory_budget_mb
+    settings["eval"] = args.eval
     sizes = {name: dict(size) for name, size in config["sizes"].items()
              if not args.sizes or name in args.sizes.split(",")}
     variants = args.variants.split(",") if args.variants else list(config["variants"])
@@ -573,7 +583,8 @@ def main() -> None:
     command = "python " + " ".join(["bench/loss_bench.py"] + sys.argv[1:])
     repeats = ", ".join(f"{name} {size['repeats']}" for name, size in sizes.items())
     report = [
-        "# Distillation loss: peak memory and time of forward + backward",
+        "# Distillation loss: peak memory and time of " + ("the forward under no_grad (evaluation)" if settings["eval"]
+                                                           else "forward + backward"),
         "",
         f"`{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {time.time() - started:.0f} s, "
         f"{checkout()}.",

@@ -361,7 +361,7 @@ def test_shared_tokenizer_with_logit_term(assets, hidden_assets, tmp_path):
 
 
 def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_path, monkeypatch):
-    """CE and the logit-KD term come from the chunked loss: neither model's output head is ever called."""
+    """CE and the logit-KD term come from the chunked loss: neither model's output head is called in training."""
     calls = []
     original = distil_hidden.load_causal_lm
 
@@ -375,7 +375,8 @@ def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_pa
                            alpha=0.3, layer_map=[[2, 3]])
     trainer = distil_hidden.main(config)
     assert any(log.get("kd_loss", 0) > 0 for log in trainer.state.log_history)
-    assert calls == []
+    # Only the one-time head check at the first step, on one row of at most 16 tokens, for student and teacher.
+    assert len(calls) == 2 and all(shape[:2] == (1, 16) for shape in calls), calls
 
 
 def test_zero3_two_processes_match_one(assets, hidden_assets, tmp_path):
