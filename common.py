@@ -274,7 +274,8 @@ def build_sft_config(config: dict, **extra: Any):
 
     - `warmup_ratio` (transformers 4 name) becomes `warmup_steps`, which transformers 5 reads as a ratio below 1.
     - `use_cpu` is set when no CUDA device exists: under accelerate + DeepSpeed on the CPU the Trainer otherwise
-      miscounts the processes.
+      miscounts the processes. `bf16` stays on there: accelerate then autocasts to bf16 on the CPU, so the
+      mixed-precision path runs (slowly) in tests and CI too.
     - An unknown key is an error naming it, not a TypeError from inside the dataclass.
     """
     from trl import SFTConfig
@@ -292,8 +293,6 @@ def build_sft_config(config: dict, **extra: Any):
         training["warmup_steps"] = float(warmup_ratio)
     if not torch.cuda.is_available():
         training["use_cpu"] = True
-        # bf16/fp16 mixed precision is a GPU setting; on the CPU it only slows the demo and tests down.
-        training["bf16"] = training["fp16"] = False
     training.setdefault("report_to", "none")
     training.setdefault("remove_unused_columns", False)
     if not training.get("packing"):
@@ -332,12 +331,56 @@ def peak_memory_mib() -> dict[str, float]:
     return found
 
 
-def model_dtype(config: dict) -> torch.dtype:
-    """bf16 or fp16 weights when the run trains in that precision on a GPU, else float32."""
+STUDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_precision(config: dict) -> None:
+    """Check the precision settings once, before anything is loaded or written.
+
+    `training.bf16` / `fp16` are mixed precision: float32 weights, gradients and Adam moments, with the forward and
+    backward autocast to 16 bits. `model_config.student_dtype: bfloat16` stores the student's weights, gradients and
+    Adam moments in bf16 instead, which loses every update below half a bf16 ulp (at lr 2e-5 most of them), so it is
+    allowed only with AdamW that compensates with Kahan summation (`student_optimizer`).
+    """
     training = config["training"]
-    if torch.cuda.is_available() and training.get("bf16"):
+    student_dtype = config["model_config"].get("student_dtype", "float32")
+    if student_dtype not in STUDENT_DTYPES:
+        raise ConfigError(f"model_config.student_dtype must be float32 or bfloat16, got {student_dtype!r}.")
+    if training.get("fp16") and not torch.cuda.is_available():
+        raise ConfigError("training.fp16 needs a CUDA device: accelerate does not autocast to fp16 on the CPU, so the "
+                          "run would silently train in float32. Use bf16: true on the CPU.")
+    if student_dtype == "bfloat16":
+        if not training.get("bf16") or training.get("fp16"):
+            raise ConfigError("model_config.student_dtype: bfloat16 needs training.bf16: true (and fp16: false).")
+        if training.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise ConfigError("model_config.student_dtype: bfloat16 does not apply under DeepSpeed, which keeps its own "
+                              "float32 master weights; set it to float32 (ZeRO shards those instead).")
+        if training.get("optim", "adamw_torch_fused") not in ("adamw_torch", "adamw_torch_fused"):
+            raise ConfigError(f"model_config.student_dtype: bfloat16 trains with optimi's AdamW with Kahan summation, "
+                              f"not training.optim={training['optim']!r}. Remove training.optim or use float32 weights.")
+        try:
+            import optimi  # noqa: F401
+        except ImportError:
+            raise ConfigError("model_config.student_dtype: bfloat16 needs torch-optimi (AdamW with Kahan summation): "
+                              "pip install torch-optimi==0.3.3, or set student_dtype: float32.") from None
+
+
+def model_dtype(config: dict, trainable: bool = True) -> torch.dtype:
+    """The dtype a model's weights are loaded in.
+
+    The student (trainable) is float32 unless `model_config.student_dtype` says bfloat16: mixed precision keeps float32
+    master weights and autocasts, because bf16 weights lose AdamW's small updates. The frozen teacher is loaded in the
+    autocast dtype (bf16 or fp16) when mixed precision is on: it is never updated, so there is no update to lose; it
+    takes 2 bytes per parameter instead of 4; and accelerate autocasts only the student's forward, so 16-bit weights are
+    what makes the teacher compute in 16 bits at all (its norms then run in 16 bits too, where autocast would keep
+    float32).
+    """
+    training = config["training"]
+    if trainable:
+        return STUDENT_DTYPES[config["model_config"].get("student_dtype", "float32")]
+    if training.get("bf16"):
         return torch.bfloat16
-    if torch.cuda.is_available() and training.get("fp16"):
+    if training.get("fp16"):
         return torch.float16
     return torch.float32
 
@@ -351,6 +394,19 @@ def print_memory_report(event: str, before: dict[str, float]) -> None:
     print(f"memory on rank {os.environ.get('RANK', '0')}, {event}: peak RSS {before['VmHWM']:.0f} -> "
           f"{after['VmHWM']:.0f} MiB (+{after['VmHWM'] - before['VmHWM']:.0f}), anonymous {before['RssAnon']:.0f} -> "
           f"{after['RssAnon']:.0f} MiB (+{after['RssAnon'] - before['RssAnon']:.0f})", flush=True)
+
+
+def student_optimizer(config: dict, args) -> tuple[type, dict] | None:
+    """The Trainer's `optimizer_cls_and_kwargs`: None (its own AdamW) for float32 weights; for bf16 weights, optimi's
+    AdamW with Kahan summation (a bf16 buffer per weight keeps the part of each update that rounding dropped), with
+    the Trainer's learning rate, betas, epsilon and weight decay (the Trainer still groups the parameters that are
+    not decayed)."""
+    if config["model_config"].get("student_dtype", "float32") != "bfloat16":
+        return None
+    from optimi import AdamW
+
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                   "weight_decay": args.weight_decay, "kahan_sum": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,7 +485,7 @@ def load_causal_lm(name: str, config: dict, trainable: bool = True):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
-            dtype=model_dtype(config),
+            dtype=model_dtype(config, trainable),
             attn_implementation=attention_implementation(config["model_config"]["use_flash_attention"]),
         )
     except OSError as error:

@@ -137,7 +137,9 @@ def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system
     """Tokenize one row into input_ids and labels (-100 where nothing is trained), truncated to max_length.
 
     Conversations: labels are the assistant tokens (content and end-of-turn token) and -100 elsewhere. Text rows:
-    every token is trained and an EOS token is appended. A token is trained when it starts inside a trained span.
+    every token is trained and an EOS token is appended. A token is trained when it ends inside a trained span (end
+    offset in (span start, span end]): a BPE with a "\n\n" token merges a reply's leading newline into the header's
+    newline, and that token, which starts before the span, carries the reply's first character.
     """
     if data_format == "text":
         input_ids = tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
@@ -153,10 +155,10 @@ def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, labels = encoding["input_ids"], []
     span_index = 0
-    for token_id, (start, _end) in zip(input_ids, encoding["offset_mapping"]):
-        while span_index < len(spans) and start >= spans[span_index][1]:
+    for token_id, (_start, end) in zip(input_ids, encoding["offset_mapping"]):
+        while span_index < len(spans) and end > spans[span_index][1]:
             span_index += 1
-        inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]
+        inside = span_index < len(spans) and spans[span_index][0] < end <= spans[span_index][1]
         labels.append(token_id if inside else -100)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 

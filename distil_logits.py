@@ -38,6 +38,7 @@ from common import (
     check_config_keys,
     check_launch,
     check_output_dir,
+    check_precision,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
@@ -50,6 +51,7 @@ from common import (
     run_cli,
     save_finished_run,
     shared_vocab_size,
+    student_optimizer,
     teacher_head_for_loss,
 )
 from data import (
@@ -99,6 +101,7 @@ config = {
     },
     "model_config": {
         "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
+        "student_dtype": "float32",  # float32 (master weights, autocast by bf16/fp16) | bfloat16 (half the memory, Kahan-summed AdamW)
     },
     # --- distillation ---
     "distillation": {
@@ -129,7 +132,7 @@ config = {
         "weight_decay": 0.05,  # AdamW weight decay
         "warmup_ratio": 0.1,  # fraction of steps spent warming up (mapped to transformers 5's warmup_steps)
         "lr_scheduler_type": "cosine",  # learning-rate schedule after warm-up
-        "bf16": True,  # bf16 weights and autocast on the GPU (ignored on the CPU)
+        "bf16": True,  # autocast to bf16 (GPU and CPU); the student keeps float32 weights, the frozen teacher is bf16
         "packing": False,  # pack rows into max_length sequences with TRL's best-fit packing (padding-free)
         "activation_checkpointing": True,  # recompute activations in backward to save memory
         "logging_steps": 1,  # log kd_loss, ce_loss and loss every this many optimizer steps
@@ -192,6 +195,7 @@ def validate(config: dict) -> None:
     for key in ("name", "eval_name"):
         if config["dataset"][key]:
             check_dataset_path(config["dataset"][key])
+    check_precision(config)
     check_output_dir(config)
 
 
@@ -239,8 +243,12 @@ class LogitsTrainer(SFTTrainer):
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
-            # Evaluation, or a Trainer that did not count: normalise per micro-batch and share out accumulation.
+            # Evaluation, or a Trainer that did not count (a model with accepts_loss_kwargs=False): normalise per
+            # micro-batch and share out accumulation and, since the loss is multiplied by the process count below,
+            # the processes too; otherwise DDP's gradients would be that many times too large.
             num_items_in_batch = batch_tokens * (self.current_gradient_accumulation_steps if mode == "train" else 1)
+            if mode == "train" and self.args.average_tokens_across_devices:
+                num_items_in_batch = num_items_in_batch * self.accelerator.num_processes
         teacher_hidden = stored_topk = None
         if self.teacher is not None:
             teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
@@ -342,6 +350,7 @@ def main(config: dict) -> LogitsTrainer:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        optimizer_cls_and_kwargs=student_optimizer(config, args),
         data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else None,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")

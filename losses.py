@@ -254,10 +254,14 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
         with torch.no_grad():
             expected = model(input_ids=input_ids, use_cache=False).logits.float()
             hidden = model(input_ids=input_ids, hidden_layers=[last])[last]
-            got = head_logits(hidden, head, transform)
+            # accelerate's mixed precision returns float32 outputs even from a bf16 model
+            got = head_logits(hidden.to(head.weight.dtype), head, transform)
     finally:
         model.train(was_training)
-    low_precision = hidden.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type)
+    # accelerate's mixed precision runs the forward under autocast (keeping the original as `_original_forward`) and
+    # returns float32 outputs: the model's logits are then bf16/fp16 products although every dtype here is float32.
+    low_precision = (hidden.dtype != torch.float32 or head.weight.dtype != torch.float32
+                     or hasattr(unwrapped, "_original_forward") or torch.is_autocast_enabled(hidden.device.type))
     error = ((got - expected).abs().max() / expected.std().clamp(min=1e-6)).item()
     if not error <= (5e-2 if low_precision else 1e-3):
         raise ConfigError(

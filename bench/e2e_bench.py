@@ -117,6 +117,7 @@ def run_config(paths: dict, settings: dict, alpha: float) -> dict:
         output_dir=os.path.join(CACHE, "unused"), per_device_train_batch_size=settings["batch_size"],
         gradient_accumulation_steps=1, activation_checkpointing=False, eval_strategy="no", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, seed=settings["seed"],
+        bf16=torch.cuda.is_available(),  # bf16 autocast on a GPU; float32 on the CPU, as the recorded numbers were
     )
     return run
 

@@ -80,6 +80,7 @@ def epoch_statistics(paths: dict, settings: dict, packing: bool) -> dict:
         output_dir=os.path.join(CACHE, "unused"), per_device_train_batch_size=settings["batch_size"],
         gradient_accumulation_steps=1, packing=packing, eval_strategy="no", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, seed=settings["seed"],
+        bf16=torch.cuda.is_available(),  # bf16 autocast on a GPU; float32 on the CPU, as the recorded numbers were
     )
     tokenizer = common.load_tokenizer(paths["tokenizer"], data.CHATML_TEMPLATE)
     train_dataset, _, _ = data.prepare_datasets(run["dataset"], tokenizer, settings["max_length"])

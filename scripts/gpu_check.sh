@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one CUDA device, no network, under 8 minutes on one H100:
+#   0. precision: one SGD step of a tied student in float32, bf16 (sdpa) and bf16 with flash-attention (where
+#      installed) against a float32 full-logits reference; share of weights one AdamW step at lr 2e-5 changes
+#      (JSON lines with "passed"; the CUDA version of tests/test_precision.py)
 #   1. bf16 distil_logits.py (and distil_hidden.py) on small random models with packing: peak memory, tokens/s
 #   2. DeepSpeed ZeRO-3 with the sharded teacher on one GPU
 #   3. the loss benchmark on CUDA

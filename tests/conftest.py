@@ -93,6 +93,7 @@ def tiny_config(assets: dict, output_dir: str, script=None, student: str | None 
         output_dir=output_dir, num_train_epochs=1, max_steps=3, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, learning_rate=1e-2, warmup_ratio=0.0, activation_checkpointing=False,
         eval_steps=2, save_steps=2, logging_steps=1, dataloader_num_workers=0,
+        bf16=False,  # float32 unless a test asks for bf16 autocast (tests/test_precision.py)
     )
     return config
 

@@ -1,5 +1,5 @@
-"""Data handling: labels are exactly the assistant spans (ShareGPT, messages) or every token (text rows), the
-system prompt option, truncation and dropped rows, dataset loading from local files and its errors, and Spectrum
+"""Data handling: labels are exactly the assistant spans (ShareGPT, messages) or every token (text rows), a reply's
+first character is trained when a "\n\n" token merges it into the header, the system prompt option, truncation and dropped rows, dataset loading from local files and its errors, and Spectrum
 regex freezing."""
 
 import json
@@ -187,3 +187,25 @@ def test_spectrum_matching_nothing_is_an_error():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="no parameter name matches"):
         apply_spectrum(model, ["^model.layers.99"])
+
+
+def test_reply_starting_with_a_newline_trains_its_first_character(tmp_path):
+    """Qwen2's BPE has a "\n\n" token: "<|im_start|>assistant\n" + "\nAnswer" puts the header's newline and the reply's
+    first character into one token that starts before the assistant span. Tokens are labelled by where they end,
+    so that token is trained and no header token is."""
+    from demo_data import render_chatml, train_tokenizer
+
+    texts = [render_chatml([{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"\nAnswer {i}.\n\nMore."}])
+             for i in range(50)]
+    train_tokenizer(texts, str(tmp_path), vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = CHATML_TEMPLATE
+    assert len(tok("\n\n")["input_ids"]) == 1  # the tokenizer has the merged token
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "\nAnswer 7."}]}
+    encoded = tokenize_row(row, tok, "sharegpt", 64)
+    tokens = [tok.decode([token]) for token in encoded["input_ids"]]
+    merged = tokens.index("\n\n")  # "assistant" + "\n\n": the header's newline and the reply's first character
+    assert tokens[merged - 1] == "assistant"
+    assert encoded["labels"][merged] == encoded["input_ids"][merged]
+    assert all(label == -100 for label in encoded["labels"][:merged])  # the header and the user turn
+    assert trained_runs(tok, encoded) == ["\n\nAnswer 7.<|im_end|>"]  # the merged token, the reply, end of turn

@@ -1,5 +1,6 @@
 """Several processes on the CPU (gloo): 2-process DDP matches a 1-process run with the same global batch (loss
-trajectory and final weights), and 2-process DeepSpeed ZeRO-3 with the shipped config partitions the teacher on
+trajectory and final weights), also when the Trainer passes no num_items_in_batch (a model with
+accepts_loss_kwargs=False, normalised per micro-batch), and 2-process DeepSpeed ZeRO-3 with the shipped config partitions the teacher on
 each process, trains to the same losses and saves one consolidated student that loads with from_pretrained."""
 
 import json
@@ -17,9 +18,10 @@ from transformers import AutoModelForCausalLM
 import distil_logits
 
 
-def overrides_file(assets, tmp_path, name, accumulation):
+def overrides_file(assets, tmp_path, name, accumulation, **training):
     config = tiny_config(assets, str(tmp_path / name))
     config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no")
+    config["training"].update(training)
     config["dataset"]["eval_size"] = 0
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
@@ -27,9 +29,8 @@ def overrides_file(assets, tmp_path, name, accumulation):
     return config, str(path)
 
 
-def launch(args, config_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", *args, os.path.join(ROOT, "distil_logits.py"),
-               "--config", config_path]
+def launch(args, config_path, script=os.path.join(ROOT, "distil_logits.py")):
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args, script, "--config", config_path]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,3 +83,50 @@ def test_zero3_two_processes_shard_the_teacher(assets, tmp_path, single_process)
     assert_same_run(output_dir, single_process, 1e-4)
     student = AutoModelForCausalLM.from_pretrained(output_dir)  # one consolidated checkpoint
     assert student.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+# distil_logits.py with a student (and teacher) that declare accepts_loss_kwargs=False, as some models do: the Trainer
+# then counts no tokens and passes num_items_in_batch=None, and compute_loss falls back to per-micro-batch counts.
+FALLBACK_LAUNCHER = """
+import sys
+sys.path.insert(0, {root!r})
+import distil_logits
+from common import run_cli
+
+load_causal_lm = distil_logits.load_causal_lm
+
+
+def load_without_loss_kwargs(*args, **kwargs):
+    model = load_causal_lm(*args, **kwargs)
+    model.accepts_loss_kwargs = False
+    return model
+
+
+distil_logits.load_causal_lm = load_without_loss_kwargs
+run_cli(distil_logits.main, distil_logits.config)
+"""
+
+
+def test_ddp_without_num_items_in_batch_matches_one_process(assets, tmp_path, monkeypatch):
+    """Without num_items_in_batch each micro-batch is normalised by its own token count; the loss is still multiplied
+    by the process count for DDP's averaging, so the normaliser must count the processes too, or the gradients are
+    twice as large on 2 processes. The 1-process run uses the same fallback and the same micro-batches. Plain SGD
+    without clipping: AdamW's update (and a clipped gradient) would hide a scale error."""
+    sgd = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    config, _ = overrides_file(assets, tmp_path, "fallback_single", accumulation=4, **sgd)
+    load_causal_lm = distil_logits.load_causal_lm
+
+    def load_without_loss_kwargs(*args, **kwargs):
+        model = load_causal_lm(*args, **kwargs)
+        model.accepts_loss_kwargs = False
+        return model
+
+    monkeypatch.setattr(distil_logits, "load_causal_lm", load_without_loss_kwargs)
+    trainer = distil_logits.main(config)
+    assert trainer.model_accepts_loss_kwargs is False
+    ddp_config, path = overrides_file(assets, tmp_path, "fallback_ddp", accumulation=2, **sgd)
+    launcher = tmp_path / "distil_logits_without_loss_kwargs.py"
+    launcher.write_text(FALLBACK_LAUNCHER.format(root=ROOT))
+    log = launch(["--multi_gpu", "--num_processes", "2"], path, script=str(launcher))
+    assert "training on 2 process(es)" in log
+    assert_same_run(ddp_config["training"]["output_dir"], config["training"]["output_dir"], 1e-5)
