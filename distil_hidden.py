@@ -93,7 +93,7 @@ config = {
         "split": "train",  # split to read from a Hub dataset
         "format": "auto",  # auto | sharegpt (conversations) | messages (role/content) | text (pre-training)
         "num_samples": None,  # keep only this many rows after shuffling (None: all)
-        "eval_size": "auto",  # held-out rows: "auto" = 10% of the rows, at most 500 | an int | a fraction < 1 | 0: none
+        "eval_size": "auto",  # held-out rows: "auto" = 10% of the rows (1 to 500) | an int | a fraction < 1 | 0: none
         "eval_name": None,  # a separate held-out dataset (file or Hub id) instead of splitting eval_size rows off
         "eval_split": "train",  # split of eval_name to read
         "seed": 42,  # shuffling and eval-split seed

@@ -5,7 +5,7 @@
    ends with one line saying how to resume;
 3. a misspelt or deleted key in the edited `config` dict is one error naming it and the nearest known key, checked
    before the data is tokenized or a model is loaded; the same suggestion for a YAML override;
-5. eval_size "auto" (10% of the rows, at most 500) and a warmup_steps override that replaces the dict's warmup_ratio;
+5. eval_size "auto" (10% of the rows, at least 1, at most 500) and a warmup_steps override that replaces the dict's warmup_ratio;
 6. dropped rows are warned about with their count, reason and file rows; a bad row's error names the file and row;
 7. the README's override file, DDP command and offline capture config work as written;
 8. the flash-attention and DeepSpeed accelerator lines are printed once or not at all on the CPU (the model card is
@@ -235,7 +235,7 @@ def text_rows(tmp_path, count: int) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("rows,eval_rows", [(30, 3), (9, 0), (5020, 500)])
+@pytest.mark.parametrize("rows,eval_rows", [(30, 3), (9, 1), (5020, 500)])  # at least 1: the run was set up to evaluate
 def test_auto_eval_size_is_ten_percent_at_most_500(assets, tmp_path, rows, eval_rows):
     assert distil_logits.config["dataset"]["eval_size"] == distil_hidden.config["dataset"]["eval_size"] == "auto"
     tokenizer = loaded(assets["tokenizer"])
