@@ -1,10 +1,13 @@
-"""Aligning two tokenizations of the same conversation by character offsets: each model renders a row with its own
-chat template and tokenizer, and positions are paired where both tokenizations end a token at the same character of
-a trained span. distil_hidden.py compares hidden states at those pairs; the paired dataset and its collator live here.
+"""Two tokenizers: whether they give the same ids for the same text (then the teacher reads the student's tokens
+position by position), and, where they do not, aligning the two tokenizations of one conversation by character
+offsets: each model renders a row with its own chat template and tokenizer, and positions are paired where both
+tokenizations end a token at the same character of a trained span. distil_hidden.py compares hidden states at those
+pairs; the paired dataset and its collator live here too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -21,6 +24,120 @@ from data import (
     tokenize_row,
 )
 
+
+def tokens_by_id(tokenizer, size: int) -> list[str | None]:
+    """The token string of every id in [0, size) (None for an id the tokenizer does not use)."""
+    by_id = {index: token for token, index in tokenizer.get_vocab().items() if index < size}
+    return [by_id.get(index) for index in range(size)]
+
+
+def _backend_json(tokenizer) -> dict | None:
+    """The fast tokenizer's full definition (tokenizer.json: model, merges, normaliser, pre-tokenizer, added tokens)."""
+    try:
+        return json.loads(tokenizer.backend_tokenizer.to_str())
+    except Exception:  # noqa: BLE001 - no serialisable backend: the encoded sample still decides
+        return None
+
+
+def _definition_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """Which part of the two tokenizer definitions differs in a way that changes ids, or None.
+
+    Compared: the normaliser, the pre-tokenizer, the model (type, settings, merges, vocabulary) and the added tokens
+    both have. Allowed: the padding, truncation and post-processor settings, and extra vocabulary entries or added
+    tokens beyond the other tokenizer's size (one family's tokenizer with more special tokens at the end).
+    """
+    teacher, student = _backend_json(teacher_tokenizer), _backend_json(student_tokenizer)
+    if teacher is None or student is None:
+        return None
+    for part, name in (("normalizer", "normalisers"), ("pre_tokenizer", "pre-tokenizers")):
+        if teacher.get(part) != student.get(part):
+            return f"their {name} differ"
+    teacher_model, student_model = dict(teacher.get("model") or {}), dict(student.get("model") or {})
+    teacher_merges, student_merges = teacher_model.pop("merges", None), student_model.pop("merges", None)
+    teacher_vocab, student_vocab = teacher_model.pop("vocab", None), student_model.pop("vocab", None)
+    # None and "" (no continuing-subword prefix, say) mean the same; tokenizer classes write one or the other.
+    teacher_model = {key: value for key, value in teacher_model.items() if value not in (None, "", False)}
+    student_model = {key: value for key, value in student_model.items() if value not in (None, "", False)}
+    if teacher_model != student_model:
+        return f"their models differ ({teacher_model.get('type')} vs {student_model.get('type')}, or their settings)"
+    if teacher_merges != student_merges:
+        return f"their merges differ (teacher {len(teacher_merges or [])}, student {len(student_merges or [])})"
+    if teacher_vocab != student_vocab:
+        if not (isinstance(teacher_vocab, dict) and isinstance(student_vocab, dict)):
+            return "their vocabularies differ"
+        smaller, larger = sorted((teacher_vocab, student_vocab), key=len)
+        if any(larger.get(token) != index for token, index in smaller.items()) or \
+                any(index < len(smaller) for token, index in larger.items() if token not in smaller):
+            return (f"their vocabularies differ (teacher {len(teacher_vocab)}, student {len(student_vocab)} entries, "
+                    "not one extending the other at the end)")
+
+    def added(definition: dict) -> dict[int, tuple]:
+        return {token["id"]: tuple(token.get(key) for key in ("content", "single_word", "lstrip", "rstrip", "normalized"))
+                for token in definition.get("added_tokens") or []}
+
+    teacher_added, student_added = added(teacher), added(student)
+    for index in sorted(set(teacher_added) & set(student_added)):
+        if teacher_added[index] != student_added[index]:
+            return f"their added token {index} differs ({teacher_added[index][0]!r} vs {student_added[index][0]!r})"
+    return None
+
+
+def tokenization_difference(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> str | None:
+    """Why the two tokenizers would give different ids for the same text, or None when they give the same.
+
+    Identity means the same ids for the same text: the same token at every shared id, the same normaliser,
+    pre-tokenizer, model, merges and vocabulary (`_definition_difference`), and the same ids for each of `texts`
+    (a sample of the dataset's rendered rows). One tokenizer may have more tokens at the end than the other.
+    """
+    size = min(len(teacher_tokenizer), len(student_tokenizer))
+    teacher_tokens, student_tokens = tokens_by_id(teacher_tokenizer, size), tokens_by_id(student_tokenizer, size)
+    differing = [index for index in range(size) if teacher_tokens[index] != student_tokens[index]]
+    reason = None
+    if differing:
+        reason = f"{len(differing)} ids map to different tokens, first id {differing[0]}"
+    reason = reason or _definition_difference(teacher_tokenizer, student_tokenizer)
+    example = None
+    if texts:
+        teacher_ids = teacher_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        student_ids = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        for row, (text, teacher_row, student_row) in enumerate(zip(texts, teacher_ids, student_ids)):
+            if teacher_row != student_row:
+                example = (f"row {row} of the dataset ({text[:40]!r}...) is {len(teacher_row)} teacher tokens and "
+                           f"{len(student_row)} student tokens")
+                break
+    if reason and example:
+        return f"{reason}; e.g. {example}"
+    return reason or example
+
+
+def shared_vocab_size(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> int:
+    """Number of token ids whose meaning teacher and student share, or a ConfigError if the tokenizers differ.
+
+    The tokenizers must give the same ids for the same text (`tokenization_difference`, with `texts` a sample of the
+    dataset's rendered rows). Distributions are then compared over ids [0, V) with V = the smaller tokenizer's size,
+    never over padded embedding rows.
+    """
+    difference = tokenization_difference(teacher_tokenizer, student_tokenizer, texts)
+    if difference:
+        raise ConfigError(
+            f"teacher and student tokenizers do not give the same ids for the same text: {difference}. Logit "
+            "distillation needs a shared tokenizer; use distil_hidden.py for models with different tokenizers."
+        )
+    size = min(len(teacher_tokenizer), len(student_tokenizer))
+    if len(teacher_tokenizer) != len(student_tokenizer):
+        print_rank0(
+            f"warning: teacher tokenizer has {len(teacher_tokenizer)} tokens, student {len(student_tokenizer)}; "
+            f"distributions are compared over the {size} shared ids."
+        )
+    return size
+
+
+def same_tokenization(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> bool:
+    """True when the teacher can read the student's token ids position by position: the same size, the same chat
+    template and the same ids for the same text (`tokenization_difference`, on `texts` too)."""
+    if len(teacher_tokenizer) != len(student_tokenizer) or teacher_tokenizer.chat_template != student_tokenizer.chat_template:
+        return False
+    return tokenization_difference(teacher_tokenizer, student_tokenizer, texts) is None
 
 def token_boundaries(offsets: list[tuple[int, int]]) -> dict[int, int]:
     """Character offsets at which a tokenization ends a token, mapped to that token's position.

@@ -38,24 +38,20 @@ from common import (
     apply_spectrum,
     build_sft_config,
     check_config_keys,
-    check_launch,
     check_output_dir,
     check_precision,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
-    peak_memory_mib,
-    place_teacher,
-    print_memory_report,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
     run_cli,
-    same_tokenization,
     save_finished_run,
     student_optimizer,
-    teacher_head_for_loss,
 )
+from alignment import same_tokenization
+from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
     check_dataset_path,
     check_eval_size,

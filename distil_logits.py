@@ -36,24 +36,20 @@ from common import (
     apply_spectrum,
     build_sft_config,
     check_config_keys,
-    check_launch,
     check_output_dir,
     check_precision,
     load_causal_lm,
     load_tokenizer,
     output_vocab_size,
-    peak_memory_mib,
-    place_teacher,
-    print_memory_report,
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
     run_cli,
     save_finished_run,
-    shared_vocab_size,
     student_optimizer,
-    teacher_head_for_loss,
 )
+from alignment import shared_vocab_size
+from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
     CHATML_TEMPLATE,
     check_dataset_path,

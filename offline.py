@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from common import ConfigError, freeze_for_inference, print_rank0, tokens_by_id
+from common import ConfigError, freeze_for_inference, print_rank0
+from alignment import tokens_by_id
 from data import counted_positions
 from losses import (
     add_hidden_states_forward,

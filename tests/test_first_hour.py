@@ -24,6 +24,7 @@ import torch
 from conftest import ROOT, tiny_config
 from transformers import AutoTokenizer
 
+import alignment
 import common
 import distil_hidden
 import distil_logits
@@ -36,9 +37,8 @@ from common import (
     load_overrides,
     resolve_resume_checkpoint,
     run_cli,
-    shared_vocab_size,
-    tokens_by_id,
 )
+from alignment import shared_vocab_size, tokens_by_id
 from data import CHATML_TEMPLATE, check_eval_size, prepare_datasets, rendered_texts
 
 # --- 1. tokenizer identity --------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_same_first_ids_with_fewer_merges_is_refused(assets, tmp_path):
     with pytest.raises(ConfigError, match="do not give the same ids for the same text"):
         distil_logits.main(config)
     assert not (tmp_path / "out").exists()
-    assert not common.same_tokenization(teacher, student, texts)
+    assert not alignment.same_tokenization(teacher, student, texts)
 
 
 def test_extra_tokens_at_the_end_are_the_legitimate_case(assets, tmp_path, capsys):

@@ -108,7 +108,7 @@ sys.path.insert(0, {root!r})
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from common import teacher_head_for_loss
+from distributed import teacher_head_for_loss
 torch.manual_seed(0)
 head = torch.nn.Linear(8, 12)
 weight, bias = head.weight.detach().clone(), head.bias.detach().clone()

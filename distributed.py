@@ -1,0 +1,101 @@
+"""Processes and engines: refusing a launch that would fall into nn.DataParallel, placing the frozen teacher where the
+student's engine (DeepSpeed, FSDP, DDP, one device) needs it, its output head for the loss under FSDP2, and the
+per-rank memory report printed around the teacher's loading.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from common import ConfigError
+
+
+def check_launch(args, script: str) -> None:
+    """Refuse a plain `python script` on a machine with several visible GPUs: the Trainer would wrap the student in
+    nn.DataParallel, which splits every tensor argument along dim 0, the distillation inputs (teacher hidden states
+    at counted positions, stored top-k) included, so they no longer match the student's rows."""
+    if args.n_gpu > 1:
+        raise ConfigError(
+            f"{args.n_gpu} GPUs are visible but {script} was started without a distributed launcher (the Trainer "
+            f"would fall back to nn.DataParallel, which splits the distillation inputs wrongly). Run `accelerate "
+            f"launch --num_processes {args.n_gpu} {script}` (or set CUDA_VISIBLE_DEVICES=0 for one GPU)."
+        )
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory (VmHWM) and current anonymous memory (RssAnon), in MiB, from
+    /proc/self/status (Linux; empty elsewhere). Printed per rank around the teacher's loading: under ZeRO-3 each rank
+    must grow by its shard, not by the whole teacher."""
+    found = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    found[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return found
+
+
+def print_memory_report(event: str, before: dict[str, float]) -> None:
+    """Print, on every rank, how `event` moved this process's peak resident memory and its anonymous memory since
+    `before` (a `peak_memory_mib()` reading)."""
+    after = peak_memory_mib()
+    if not after or not before:
+        return
+    print(f"memory on rank {os.environ.get('RANK', '0')}, {event}: peak RSS {before['VmHWM']:.0f} -> "
+          f"{after['VmHWM']:.0f} MiB (+{after['VmHWM'] - before['VmHWM']:.0f}), anonymous {before['RssAnon']:.0f} -> "
+          f"{after['RssAnon']:.0f} MiB (+{after['RssAnon'] - before['RssAnon']:.0f})", flush=True)
+
+
+def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
+    """Put the frozen teacher where the student's engine runs, and return the module to call.
+
+    DeepSpeed: wrapped with the student's ZeRO stage, so under ZeRO-3 each process holds only its shard (printed per
+    rank). FSDP: sharded like the student, in eval mode, never given to the optimizer. DDP or one device: one replica
+    per process, moved once here, never per step. Patch the teacher's forward before this, so the engines call it.
+    """
+    if trainer.is_deepspeed_enabled:
+        from trl.models import prepare_deepspeed
+
+        before = peak_memory_mib()
+        placed = prepare_deepspeed(teacher, trainer.accelerator)
+        print_memory_report("teacher placed by DeepSpeed", before)
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
+        print(f"teacher on rank {trainer.accelerator.process_index}: holds {held:,} of {total:,} parameters", flush=True)
+        return placed
+    if trainer.is_fsdp_enabled:
+        from trl.models import prepare_fsdp
+
+        return prepare_fsdp(teacher, trainer.accelerator)
+    return teacher.to(trainer.accelerator.device)
+
+
+def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
+    """The placed teacher's output head as the chunked loss reads it.
+
+    Under FSDP2 the head's weight is a sharded DTensor, and losses.full_head_tensors would all-gather it at every
+    micro-step: vocabulary x hidden, 1.1 GB in bf16 at Qwen2-7B's shape, for one matrix product per counted token. The
+    teacher is frozen, so one copy gathered here never goes stale; it costs that much memory per GPU for the whole
+    run instead of the same traffic every micro-step (README, "FSDP2 and the teacher's head"). Every process calls
+    this at the same point (the gather is a collective). Other engines: the head itself (ZeRO-3 gathers it inside
+    the student's forward, where the memory is scarcer than the traffic).
+    """
+    head = teacher.get_output_embeddings()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return head
+    if not isinstance(head.weight, DTensor):
+        return head
+    gathered = torch.nn.Module()
+    with torch.no_grad():
+        gathered.weight = torch.nn.Parameter(head.weight.to(device).full_tensor(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        gathered.bias = None if bias is None else torch.nn.Parameter(
+            bias.to(device).full_tensor() if isinstance(bias, DTensor) else bias.to(device), requires_grad=False)
+    return gathered
