@@ -158,7 +158,7 @@ CONFIG_KEYS = {
                 "system_prompt"),
     "models": ("teacher", "student"),
     "tokenizer": ("max_length", "student_chat_template", "teacher_chat_template"),
-    "model_config": ("use_flash_attention",),
+    "model_config": ("use_flash_attention", "student_dtype"),
     "distillation": ("layer_map", "loss", "alpha", "kd_weight", "temperature", "divergence", "loss_memory_mb"),
     "spectrum": ("layers_to_unfreeze",),
     "training": ("output_dir",),

@@ -151,7 +151,7 @@ CONFIG_KEYS = {
                 "system_prompt"),
     "models": ("teacher", "student"),
     "tokenizer": ("max_length", "chat_template"),
-    "model_config": ("use_flash_attention",),
+    "model_config": ("use_flash_attention", "student_dtype"),
     "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb"),
     "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
     "spectrum": ("layers_to_unfreeze",),

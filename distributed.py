@@ -20,7 +20,7 @@ def check_launch(args, script: str) -> None:
         raise ConfigError(
             f"{args.n_gpu} GPUs are visible but {script} was started without a distributed launcher (the Trainer "
             f"would fall back to nn.DataParallel, which splits the distillation inputs wrongly). Run `accelerate "
-            f"launch --num_processes {args.n_gpu} {script}` (or set CUDA_VISIBLE_DEVICES=0 for one GPU)."
+            f"launch --multi_gpu --num_processes {args.n_gpu} {script}` (or set CUDA_VISIBLE_DEVICES=0 for one GPU)."
         )
 
 

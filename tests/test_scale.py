@@ -97,7 +97,7 @@ def test_plain_python_launch_with_several_gpus_is_refused(assets, tmp_path, monk
         module, config = distil_hidden, hidden_config(assets, str(output_dir))
     loaded = []
     monkeypatch.setattr(module, "load_causal_lm", lambda *args, **kwargs: loaded.append(args) or pytest.fail("loaded"))
-    with pytest.raises(ConfigError, match=rf"accelerate launch --num_processes 4 {script}\.py"):
+    with pytest.raises(ConfigError, match=rf"accelerate launch --multi_gpu --num_processes 4 {script}\.py"):
         module.main(config)
     assert not loaded and not output_dir.exists()
 
