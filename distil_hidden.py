@@ -263,9 +263,10 @@ class HiddenStatesTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         if not self.heads_checked:  # once, in the engine: the logits the CE/KD terms build are the model's own
-            check_head_matches_forward(model, self.model, inputs["input_ids"][:1, :16], "student")
+            row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
+            check_head_matches_forward(model, self.model, row, "student", mixed_precision)
             if self.teacher_head is not None:  # the logit term: shared tokenizer, so the student's ids fit
-                check_head_matches_forward(self.teacher, self.teacher_module, inputs["input_ids"][:1, :16], "teacher")
+                check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
             self.heads_checked = True
         labels = inputs["labels"]
         rows, student_positions, teacher_positions = self.aligned_positions(inputs)

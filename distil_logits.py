@@ -230,9 +230,10 @@ class LogitsTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         if not self.heads_checked:  # once, in the engine: the logits the loss builds are the model's own
-            check_head_matches_forward(model, self.model, inputs["input_ids"][:1, :16], "student")
+            row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
+            check_head_matches_forward(model, self.model, row, "student", mixed_precision)
             if self.teacher is not None:
-                check_head_matches_forward(self.teacher, self.teacher_module, inputs["input_ids"][:1, :16], "teacher")
+                check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
             self.heads_checked = True
         labels, capture_rows = inputs["labels"], inputs.get("capture_row")
         student_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}

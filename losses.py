@@ -232,14 +232,15 @@ def head_logits(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[fl
 
 
 def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Module, input_ids: torch.Tensor,
-                               name: str) -> None:
+                               name: str, mixed_precision: bool = False) -> None:
     """Stop with one clear error when the model's own logits differ from what the chunked loss builds from its final
     hidden state (head weight and bias, then `head_transform`): a model that does anything else between its backbone
     and its head would otherwise train on a different loss without anyone noticing.
 
     `model` is what the engine runs (DDP / DeepSpeed wrapper, or the model itself), patched by
-    `add_hidden_states_forward`; `unwrapped` is the bare model. Runs two short forwards in eval mode. The tolerance allows bf16/fp16 rounding of logits, far below the effect
-    of a missing scale or soft-cap on a real model's logits.
+    `add_hidden_states_forward`; `unwrapped` is the bare model; `mixed_precision` is true when the engine autocasts
+    the forward (training.bf16 / fp16). Runs two short forwards in eval mode. The tolerance allows bf16/fp16 rounding
+    of logits, far below the effect of a missing scale or soft-cap on a real model's logits.
     """
     head, transform, last = unwrapped.get_output_embeddings(), head_transform(unwrapped), final_layer(unwrapped)
     if hasattr(head.weight, "ds_id"):
@@ -258,10 +259,10 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
             got = head_logits(hidden.to(head.weight.dtype), head, transform)
     finally:
         model.train(was_training)
-    # accelerate's mixed precision runs the forward under autocast (keeping the original as `_original_forward`) and
-    # returns float32 outputs: the model's logits are then bf16/fp16 products although every dtype here is float32.
-    low_precision = (hidden.dtype != torch.float32 or head.weight.dtype != torch.float32
-                     or hasattr(unwrapped, "_original_forward") or torch.is_autocast_enabled(hidden.device.type))
+    # Under mixed precision accelerate autocasts inside the forward and returns float32 outputs: the model's logits
+    # are then bf16/fp16 products although every dtype seen here is float32.
+    low_precision = (mixed_precision or hidden.dtype != torch.float32 or head.weight.dtype != torch.float32
+                     or torch.is_autocast_enabled(hidden.device.type))
     error = ((got - expected).abs().max() / expected.std().clamp(min=1e-6)).item()
     if not error <= (5e-2 if low_precision else 1e-3):
         raise ConfigError(
