@@ -589,6 +589,19 @@ class LossPartLog:
         return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)}
 
 
+def micro_batch_normaliser(items, trainer, training: bool):
+    """What a micro-batch's loss sum over `items` tokens (or positions) is divided by when the Trainer counted none
+    for the step (evaluation, or a model with accepts_loss_kwargs=False): in training, shared out over the accumulated
+    micro-batches and, since the scripts multiply the loss by the process count, over the processes too (without
+    that, DDP's gradients would be that many times too large)."""
+    if not training:
+        return items
+    items = items * trainer.current_gradient_accumulation_steps
+    if trainer.args.average_tokens_across_devices:
+        items = items * trainer.accelerator.num_processes
+    return items
+
+
 def save_finished_run(trainer, tokenizer, config: dict) -> str:
     """Save the student, its tokenizer (with the chat template used), trainer_state.json (the logged losses) and
     distillation_config.json (the resolved config, whose presence marks the run finished). Returns output_dir."""

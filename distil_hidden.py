@@ -42,6 +42,7 @@ from common import (
     check_precision,
     load_causal_lm,
     load_tokenizer,
+    micro_batch_normaliser,
     output_vocab_size,
     print_rank0,
     read_spectrum_patterns,
@@ -273,17 +274,11 @@ class HiddenStatesTrainer(SFTTrainer):
         student_inputs = {key: value for key, value in inputs.items() if key not in PAIRED_KEYS and key != "labels"}
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
-        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         if num_items_in_batch is None:
-            # Evaluation, or a Trainer that did not count (a model with accepts_loss_kwargs=False): normalise per
-            # micro-batch and share out accumulation and, since the loss is multiplied by the process count below,
-            # the processes too; otherwise DDP's gradients would be that many times too large.
-            num_items_in_batch = batch_tokens * steps
-            if mode == "train" and self.args.average_tokens_across_devices:
-                num_items_in_batch = num_items_in_batch * self.accelerator.num_processes
+            num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
         aligned_in_step = self.aligned_in_step if mode == "train" else None
-        if aligned_in_step is None:
-            aligned_in_step = rows.numel() * steps
+        if aligned_in_step is None:  # get_batch_samples counts them for every training step
+            aligned_in_step = micro_batch_normaliser(rows.numel(), self, mode == "train")
         teacher_hidden = self.teacher_hidden_states(inputs, student_inputs) if self.teacher is not None else None
         teacher_final = None
         if self.teacher_head is not None:

@@ -40,6 +40,7 @@ from common import (
     check_precision,
     load_causal_lm,
     load_tokenizer,
+    micro_batch_normaliser,
     output_vocab_size,
     print_rank0,
     read_spectrum_patterns,
@@ -240,12 +241,7 @@ class LogitsTrainer(SFTTrainer):
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
-            # Evaluation, or a Trainer that did not count (a model with accepts_loss_kwargs=False): normalise per
-            # micro-batch and share out accumulation and, since the loss is multiplied by the process count below,
-            # the processes too; otherwise DDP's gradients would be that many times too large.
-            num_items_in_batch = batch_tokens * (self.current_gradient_accumulation_steps if mode == "train" else 1)
-            if mode == "train" and self.args.average_tokens_across_devices:
-                num_items_in_batch = num_items_in_batch * self.accelerator.num_processes
+            num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
         teacher_hidden = stored_topk = None
         if self.teacher is not None:
             teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
