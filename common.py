@@ -586,7 +586,9 @@ class LossPartLog:
         if mode not in self.sums:
             return {}
         totals = self.sums.pop(mode).tolist()
-        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)}
+        # A part with no items in the interval (on-policy: no sampled batch, or no dataset batch) is left out.
+        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)
+                if items > 0}
 
 
 def micro_batch_normaliser(items, trainer, training: bool):
