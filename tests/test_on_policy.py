@@ -245,3 +245,66 @@ def test_offline_capture_is_refused_with_sampling(assets, tmp_path):
         distil_logits.main(config)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "capture").exists()
+
+
+# --- several processes on the CPU (gloo), launched like tests/test_multiprocess.py ------------------------------------
+
+FIXED_COMPLETIONS_LAUNCHER = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import distil_logits
+import on_policy
+from common import run_cli
+from test_on_policy import fixed_completions
+
+on_policy.sample_completions = fixed_completions
+run_cli(distil_logits.main, distil_logits.config)
+"""
+
+
+def overrides(config, path):
+    path.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
+                                                             "distillation", "on_policy", "training")}))
+    return str(path)
+
+
+def test_ddp_two_processes_match_one_with_unequal_completions(assets, tmp_path, monkeypatch):
+    """2 processes x batch 2 = one process x 2 accumulated batches of 2, with the fixed completions of unequal
+    lengths: N is the sum over both processes' completions (all-reduced after sampling), so the SGD updates match.
+    Tolerance as tests/test_multiprocess.py (float32, another summation order)."""
+    from test_multiprocess import launch
+
+    from conftest import ROOT
+
+    monkeypatch.setattr(on_policy, "sample_completions", fixed_completions)
+    single = str(tmp_path / "single")
+    sgd_step(assets, single, 2, 2, max_steps=2)
+    config = on_policy_config(assets, str(tmp_path / "ddp"))
+    config["training"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="sgd",
+                              learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+    launcher = tmp_path / "launch_fixed.py"
+    launcher.write_text(FIXED_COMPLETIONS_LAUNCHER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    log = launch(["--multi_gpu", "--num_processes", "2"], overrides(config, tmp_path / "ddp.json"), script=str(launcher))
+    assert "training on 2 process(es)" in log
+    for name, value in weights(single).items():
+        torch.testing.assert_close(weights(str(tmp_path / "ddp"))[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_zero3_two_processes_sample_and_train(assets, tmp_path):
+    """ZeRO-3 on 2 processes with real sampling: the student's parameters are gathered for generate (a collective
+    every process enters, as the decision is the same on all), the run trains and logs the on-policy parts, and the
+    consolidated student loads."""
+    from test_multiprocess import launch
+
+    config = on_policy_config(assets, str(tmp_path / "zero3"))
+    config["training"].update(max_steps=2, gradient_accumulation_steps=1)
+    log = launch(["--config_file", "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2"],
+                 overrides(config, tmp_path / "zero3.json"))
+    assert "training on 2 process(es), DistributedType.DEEPSPEED" in log
+    state = json.load(open(tmp_path / "zero3" / "trainer_state.json"))
+    logs = [entry for entry in state["log_history"] if "kd_loss_on_policy" in entry]
+    assert len(logs) == 2
+    assert all(0 < entry["kd_loss_on_policy"] < 10 and 1 <= entry["completion_length"] <= 6 for entry in logs)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "zero3"))
