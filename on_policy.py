@@ -11,6 +11,7 @@ owns the `on_policy` config block and the few trainer lines that call this.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 
@@ -46,6 +47,9 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
         raise ConfigError("on_policy.fraction > 0 needs a teacher (distillation.alpha > 0); alpha 0 is plain SFT.")
     if config["training"].get("packing"):
         raise ConfigError("on_policy.fraction > 0 needs training.packing: false (each row's prompt is sampled from).")
+    if config["training"].get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError("on_policy.fraction > 0 is not implemented under FSDP (generation would need the sharded "
+                          "student gathered); launch with DDP or DeepSpeed ZeRO-3 instead.")
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -76,6 +76,25 @@ def test_prompt_is_the_conversation_before_the_last_answer(assets):
     assert tokenizer.decode(prompt_only["prompt_ids"]).endswith("<|im_start|>assistant\n")
 
 
+def test_padded_head_rows_are_never_sampled(assets):
+    """A model whose head is padded beyond the tokenizer (the tiny teacher: 384 rows, 320 tokens) with the padded rows
+    made the likeliest still samples real tokens only: the loss could not compare the teacher there. Sampling is
+    seeded and leaves the global RNG as it was."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[assets["vocab"]:] *= 50
+        assert int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax()) >= assets["vocab"]
+    ids, mask = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    state = torch.random.get_rng_state()
+    settings = {"temperature": 1.0, "top_p": 1.0}
+    first = on_policy.sample_completions(model, ids, mask, settings, [1], 0, assets["vocab"], 7, 8)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert max(max(row) for row in first) < assets["vocab"]
+    assert first == on_policy.sample_completions(model, ids, mask, settings, [1], 0, assets["vocab"], 7, 8)
+
+
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
