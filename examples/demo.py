@@ -61,7 +61,7 @@ demo = {
     "tokenizer_b": {"vocab_size": 384, "rows": 1000, "seed": 7},  # the second student tokenizer: other rows and size
     # on-policy: from the SFT student, the same number of steps of on-policy reverse KL and of off-policy KD (same
     # divergence and temperature, only on_policy.fraction differs), then measured on the student's own samples
-    "on_policy": {"steps": 30, "batch": 32, "learning_rate": 1e-3, "max_new_tokens": 16, "eval_prompts": 200,
+    "on_policy": {"steps": 60, "batch": 32, "learning_rate": 1e-3, "max_new_tokens": 16, "eval_prompts": 200,
                   "distillation": {"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0}},
 }
 
@@ -186,7 +186,10 @@ def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
     """From the SFT student: demo["on_policy"]["steps"] steps of on-policy reverse KL and as many of off-policy KD on
     the dataset's answers; held-out CE and the sampled metrics of the start and of both students."""
     settings = demo["on_policy"]
-    results = {"SFT start": {"eval_ce": heldout_cross_entropy(sft_dir, paths["eval"]),
+    results = {"teacher (reference)": {"eval_ce": heldout_cross_entropy(paths["teacher"], paths["eval"]),
+                                       **sampled_reverse_kl(paths["teacher"], paths["teacher"], paths["eval"],
+                                                            settings["eval_prompts"], settings["max_new_tokens"])},
+               "SFT start": {"eval_ce": heldout_cross_entropy(sft_dir, paths["eval"]),
                              **sampled_reverse_kl(sft_dir, paths["teacher"], paths["eval"], settings["eval_prompts"],
                                                   settings["max_new_tokens"])}}
     for name, fraction in (("off-policy KD", 0.0), ("on-policy reverse KL", 1.0)):
