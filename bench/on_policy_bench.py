@@ -4,8 +4,12 @@ GKDTrainer (lmbda 1, beta 1 = reverse KL), same tiny models, prompts, batch, sam
     python bench/on_policy_bench.py                       # both, each in a fresh process; writes bench/output/on_policy.json
     python bench/on_policy_bench.py --batch 8 --max-new-tokens 64 --steps 5
 
+Variants: ours (activation checkpointing off), gkd (GKDTrainer with gradient_checkpointing off, so it generates with
+the KV cache as ours does), gkd_default (GKDTrainer's default gradient_checkpointing=True: it then generates without
+the KV cache and recomputes activations in backward).
+
 Per variant: the median wall time of an optimizer step after the first (one micro-batch: sample, teacher and student
-forward, backward, AdamW), the completion tokens it trained on, completion tokens per second of the whole step, and
+forward, backward, AdamW, and the Trainer's logging; from one step's end to the next), the completion tokens it trained on, completion tokens per second of the whole step, and
 the peak resident memory (VmHWM) grown during training over the resident size before it (CPU), or
 torch.cuda.max_memory_allocated (GPU). Both variants stop sampling at the same tokens (<|im_end|>, <|endoftext|>): the
 student's generation_config lists both, which is where GKDTrainer reads its stop tokens.
@@ -14,6 +18,7 @@ student's generation_config lists both, which is where GKDTrainer reads its stop
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -74,16 +79,20 @@ def build_assets(folder: str, rows: int) -> dict:
 
 
 class StepClock:
-    """A TrainerCallback-like recorder of each optimizer step's wall time."""
+    """Each optimizer step's wall time, from the end of the previous step to the end of this one: ours samples in
+    get_batch_samples, before the Trainer's on_step_begin, GKDTrainer inside training_step, so on_step_begin would
+    leave our sampling out. The first step has no previous end and is not timed (it also pays for warm-up)."""
 
     def __init__(self):
-        self.starts, self.times = [], []
+        self.ends, self.times = [], []
 
     def on_step_begin(self, *args, **kwargs):
-        self.starts.append(time.perf_counter())
+        pass
 
     def on_step_end(self, *args, **kwargs):
-        self.times.append(time.perf_counter() - self.starts[-1])
+        self.ends.append(time.perf_counter())
+        if len(self.ends) > 1:
+            self.times.append(self.ends[-1] - self.ends[-2])
 
 
 def run_ours(paths: dict, args, output_dir: str) -> dict:
@@ -95,7 +104,7 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
     label = on_policy.label_completions
     on_policy.label_completions = lambda *a, **k: (lambda b: completion_tokens.append(int(b["completion_lengths"].sum()))
                                                    or b)(label(*a, **k))
-    config = distil_logits.load_overrides(distil_logits.config, [])
+    config = copy.deepcopy(distil_logits.config)
     config["dataset"].update(name=paths["sharegpt"], eval_size=0, seed=0)
     config["models"].update(teacher=paths["teacher"], student=paths["student"])
     config["tokenizer"]["max_length"] = 512
@@ -124,7 +133,7 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
     return clock.times, completion_tokens, trainer.rss_before
 
 
-def run_gkd(paths: dict, args, output_dir: str) -> dict:
+def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -146,7 +155,9 @@ def run_gkd(paths: dict, args, output_dir: str) -> dict:
                          gradient_accumulation_steps=1, learning_rate=1e-4, lmbda=1.0, beta=1.0, temperature=1.0,
                          max_new_tokens=args.max_new_tokens, max_length=512, save_strategy="no", report_to="none",
                          use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), logging_steps=1,
-                         disable_tqdm=True, dataloader_num_workers=0, seed=42)
+                         disable_tqdm=True, dataloader_num_workers=0, seed=42,
+                         # TRL's default is True, and GKDTrainer then generates without the KV cache
+                         gradient_checkpointing=checkpointing)
     clock = StepClock()
 
     class Clock(TrainerCallback):
@@ -168,8 +179,11 @@ def measure(variant: str, args) -> dict:
     output_dir = os.path.join(args.output, f"on_policy_{variant}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times, tokens, rss_before = (run_ours if variant == "ours" else run_gkd)(paths, args, output_dir)
-    timed = list(zip(times, tokens))[1:]  # the first step pays for warm-up
+    if variant == "ours":
+        times, tokens, rss_before = run_ours(paths, args, output_dir)
+    else:
+        times, tokens, rss_before = run_gkd(paths, args, output_dir, checkpointing=variant == "gkd_default")
+    timed = list(zip(times, tokens[1:]))  # times[i] is step i + 1
     step = statistics.median(t for t, _ in timed)
     result = {"variant": variant, "step_seconds_median": step,
               "completion_tokens_per_step": statistics.mean(n for _, n in timed),
@@ -181,9 +195,12 @@ def measure(variant: str, args) -> dict:
     return result
 
 
+VARIANTS = ("ours", "gkd", "gkd_default")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=("ours", "gkd"), help="run one variant in this process (internal)")
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
@@ -195,7 +212,7 @@ def main() -> None:
         return
     os.makedirs(args.output, exist_ok=True)
     results = []
-    for variant in ("ours", "gkd"):
+    for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
