@@ -3,6 +3,7 @@ compare with plain SFT.
 
     python examples/demo.py            # builds (once) data, tokenizer and teacher under examples/.cache, then trains
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
+    python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
 
 What it does, all offline:
 1. Makes a ShareGPT dataset of questions whose answers are sampled from a fixed distribution per question
@@ -211,6 +212,17 @@ def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
     return results
 
 
+def print_on_policy(results: dict) -> None:
+    settings = demo["on_policy"]
+    print(f"\nfrom the SFT student, {settings['steps']} more steps ({settings['distillation']}); sampled metrics on "
+          f"{settings['eval_prompts']} held-out prompts, temperature 1:\n")
+    print("| student | eval CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |\n"
+          "| --- | --- | --- | --- | --- |")
+    for name, row in results.items():
+        print(f"| {name} | {row['eval_ce']:.4f} | {row['reverse_kl_on_own_samples']:.4f} | "
+              f"{100 * row['valid_answer_share']:.1f}% | {row['mean_completion_tokens']:.2f} |")
+
+
 def build(rebuild: bool) -> dict:
     """Data, tokenizers, teacher and the untrained students, cached under examples/.cache."""
     paths = {name: os.path.join(CACHE, name)
@@ -288,6 +300,8 @@ def timed(function):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
+    parser.add_argument("--on-policy-only", action="store_true",
+                        help="train the SFT student, then only the on-policy vs off-policy comparison")
     args = parser.parse_args()
     start = time.time()
     # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
@@ -302,6 +316,11 @@ def main() -> None:
     sft = timed(distil_logits.main)(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
     print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
     on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
+    if args.on_policy_only:
+        print_on_policy(on_policy_results)
+        json.dump(on_policy_results, open(os.path.join(OUTPUT, "demo_on_policy.json"), "w"), indent=2)
+        print(f"seconds per run: {PHASE_SECONDS} ({time.time() - start:.0f} s in all)")
+        return
     print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
     kd = timed(distil_logits.main)(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
     print(f"capturing the teacher's top-{demo['offline_top_k']} once, then training the same KD student from it")
@@ -373,13 +392,7 @@ def main() -> None:
         gap = results[sft_row] - results[hidden_row]
         print(f"hidden-state KD minus SFT ({label}): {-gap:+.4f} nats/token "
               f"({'hidden KD better' if gap > 0 else 'SFT better or equal'})")
-    print(f"\nfrom the SFT student, {demo['on_policy']['steps']} more steps ({demo['on_policy']['distillation']}); "
-          f"sampled metrics on {demo['on_policy']['eval_prompts']} held-out prompts, temperature 1:\n")
-    print("| student | eval CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |\n"
-          "| --- | --- | --- | --- | --- |")
-    for name, row in on_policy_results.items():
-        print(f"| {name} | {row['eval_ce']:.4f} | {row['reverse_kl_on_own_samples']:.4f} | "
-              f"{100 * row['valid_answer_share']:.1f}% | {row['mean_completion_tokens']:.2f} |")
+    print_on_policy(on_policy_results)
     students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
     print(f"best student: {min(students, key=students.get)}")
     plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
