@@ -153,6 +153,21 @@ def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, mo
     assert len(distil_logits.main(half).train_dataset) == 4  # rows need answers below fraction 1
 
 
+def test_spectrum_frozen_parameters_stay_put_when_sampling(assets, tmp_path):
+    """With Spectrum, the on-policy step trains only the unfrozen parameters (generation runs the whole student)."""
+    spectrum = tmp_path / "spectrum.yaml"
+    spectrum.write_text("unfrozen_parameters:\n- ^model.layers.1.\n- ^lm_head.weight$\n")
+    config = on_policy_config(assets, str(tmp_path / "out"))
+    config["spectrum"]["layers_to_unfreeze"] = str(spectrum)
+    config["training"]["max_steps"] = 1
+    trainer = distil_logits.main(config)
+    assert any("kd_loss_on_policy" in log for log in trainer.state.log_history)
+    start, end = weights(assets["student"]), weights(str(tmp_path / "out"))
+    for name in start:
+        trained = name.startswith("model.layers.1.") or name == "lm_head.weight"
+        assert torch.equal(start[name], end[name]) != trained, name
+
+
 def fixed_completions(student, prompt_ids, prompt_mask, settings, stop_ids, pad_token_id, vocab_size, seed,
                       max_new_tokens):
     """Deterministic completions of unequal lengths (1 to 5 tokens, from the prompt's length), ending in the end
