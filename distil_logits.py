@@ -347,7 +347,9 @@ def main(config: dict) -> LogitsTrainer:
             eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
         )
         check_launch(args, "distil_logits.py")
-    fraction = config["on_policy"]["fraction"]
+    fraction = config["on_policy"]["fraction"]  # before the data: the template's end-of-turn token is checked here
+    sampler = OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
+                              args.seed) if fraction > 0 else None
     train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
                                                       sample_fraction=fraction)
     if fraction > 0 and eval_dataset is not None and len(eval_dataset) == 0:
@@ -398,8 +400,7 @@ def main(config: dict) -> LogitsTrainer:
         optimizer_cls_and_kwargs=student_optimizer(config, args),
         data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
         PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of) if fraction > 0 else None,
-        on_policy=OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
-                                  args.seed) if fraction > 0 else None,
+        on_policy=sampler,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
