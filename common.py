@@ -586,7 +586,9 @@ class LossPartLog:
         if mode not in self.sums:
             return {}
         totals = self.sums.pop(mode).tolist()
-        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)}
+        # A part with no items in the interval (on-policy: no sampled batch, or no dataset batch) is left out.
+        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)
+                if items > 0}
 
 
 def micro_batch_normaliser(items, trainer, training: bool):
@@ -637,7 +639,9 @@ def describe_method(config: dict) -> str:
     alpha = distillation["alpha"]
     offline = (config.get("offline") or {}).get("mode")
     source = f", the teacher's top-{config['offline']['top_k']} read from a capture" if offline == "train" else ""
-    return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{source}"
+    fraction = (config.get("on_policy") or {}).get("fraction") or 0
+    sampled = f"; on {fraction:.0%} of micro-batches KD alone on the student's own samples (on-policy)" if fraction else ""
+    return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{source}{sampled}"
 
 
 def model_card(config: dict, log_history: list[dict] = ()) -> str:

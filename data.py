@@ -133,22 +133,38 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
-def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system_prompt: str | None = None) -> dict:
+def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system_prompt: str | None = None,
+                 with_prompt: bool = False) -> dict:
     """Tokenize one row into input_ids and labels (-100 where nothing is trained), truncated to max_length.
 
     Conversations: labels are the assistant tokens (content and end-of-turn token) and -100 elsewhere. Text rows:
     every token is trained and an EOS token is appended. A token is trained when it ends inside a trained span (end
     offset in (span start, span end]): a BPE with a "\n\n" token merges a reply's leading newline into the header's
     newline, and that token, which starts before the span, carries the reply's first character.
+
+    `with_prompt` (on-policy distillation) adds `prompt_ids`: the conversation before its last assistant turn (all of
+    it when it ends in another turn) with the generation prompt, what the student completes. A row with no assistant
+    turn then keeps its prompt as input_ids, with no label.
     """
     if data_format == "text":
+        if with_prompt:
+            raise ConfigError("on-policy distillation samples completions of conversations; a text dataset has no "
+                              "prompts. Set on_policy.fraction: 0 or use a conversation dataset.")
         input_ids = tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not input_ids or input_ids[-1] != tokenizer.eos_token_id):
             input_ids = input_ids + [tokenizer.eos_token_id]
         input_ids = input_ids[:max_length]
         return {"input_ids": input_ids, "labels": list(input_ids)}
     messages = to_messages(row, data_format, system_prompt)
+    prompt = {}
+    if with_prompt:
+        before = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+        # A prompt keeps its last max_length - 1 tokens (the turn to answer, at least one token of room to sample).
+        prompt["prompt_ids"] = tokenizer(_render(tokenizer, before, add_generation_prompt=True),
+                                         add_special_tokens=False)["input_ids"][-(max_length - 1):]
     if not any(message["role"] == "assistant" for message in messages):
+        if with_prompt:
+            return {"input_ids": prompt["prompt_ids"][:max_length], "labels": [], **prompt}
         return {"input_ids": [], "labels": []}
     text, spans = assistant_char_spans(tokenizer, messages)
     # The template already wrote any BOS token into the text, so the tokenizer must not add another one.
@@ -160,7 +176,7 @@ def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system
             span_index += 1
         inside = span_index < len(spans) and spans[span_index][0] < end <= spans[span_index][1]
         labels.append(token_id if inside else -100)
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], **prompt}
 
 
 AUTO_EVAL_ROWS = 500  # eval_size "auto": the smaller of this and 10% of the rows
@@ -249,9 +265,13 @@ def tokenization_processes(rows: int) -> int | None:
     return min(8, cores) if cores > 1 else None
 
 
-def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing"):
+def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing",
+                     sample_fraction: float = 0.0):
     """Map `tokenize` over every row, then drop (and count) rows left with no counted position, with a warning that
     says why and names the first few (by SOURCE_ROW when `raw` has it). Returns (dataset, dropped).
+
+    On-policy (`sample_fraction` > 0, rows carry `prompt_ids`): at fraction 1 every batch samples, so a row needs no
+    answer (prompt-only datasets); below 1 the same rows are kept as without sampling.
 
     Batched `datasets.map` and `filter`: the rows stream through Arrow files in the datasets cache a thousand at a
     time, never a whole column in Python, and a second run (or another process) with the same data, tokenizer and
@@ -269,6 +289,10 @@ def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_lengt
         # conversation without an assistant turn), 0: truncated before any trained token.
         columns_out["counted_positions"] = [counted_positions(row["labels"]) if row["labels"] else -1
                                             for row in tokenized]
+        if sample_fraction == 1:  # every row is sampled from: its prompt is what counts
+            columns_out["counted_positions"] = [1] * len(tokenized)
+        if sample_fraction > 0:
+            columns_out["labels"] = [row["labels"] or [-100] * len(row["input_ids"]) for row in tokenized]
         columns_out[SOURCE_ROW] = batch[SOURCE_ROW] if SOURCE_ROW in batch else [-1] * len(rows)
         return columns_out
 
@@ -308,22 +332,25 @@ def wants_eval(data_config: dict) -> bool:
 
 
 def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Callable | None = None,
-                     description: str = "Tokenizing"):
+                     description: str = "Tokenizing", sample_fraction: float = 0.0):
     """Load, shuffle, subsample, tokenize and split the dataset. Returns (train, eval or None, stats).
 
     The eval set is `eval_name` (a separate dataset) when given, else `eval_size` rows split off with the seed.
     Rows without a trainable token (no assistant turn, or truncated before one) are dropped and counted; if nothing
     is left the run stops with an error. Sequences are not padded here: the collator pads per batch (or TRL packs).
     `tokenize(row, data_format) -> dict` replaces `tokenize_row` (alignment.py tokenizes each row for two tokenizers).
+    `sample_fraction` > 0 (on-policy distillation) keeps each row's prompt (see `tokenize_dataset`); the evaluation set
+    then keeps only rows with an answer (it is scored on the dataset's answers).
     """
     name = data_config["name"]
     system_prompt = data_config.get("system_prompt")
     if tokenize is None:
         def tokenize(row: dict, data_format: str) -> dict:
-            return tokenize_row(row, tokenizer, data_format, max_length, system_prompt)
+            return tokenize_row(row, tokenizer, data_format, max_length, system_prompt, with_prompt=sample_fraction > 0)
 
-    def tokenize_all(raw, dataset_name: str, data_format: str):
-        return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description)
+    def tokenize_all(raw, dataset_name: str, data_format: str, fraction: float = sample_fraction):
+        return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description,
+                                fraction)
 
     from accelerate import PartialState
 
@@ -338,7 +365,8 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
         train, evaluation = tokenized, None
         if data_config.get("eval_name"):
             raw_eval = with_source_rows(load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train")))
-            evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")))
+            evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")),
+                                         min(sample_fraction, 0.5))  # answers needed: eval scores them
         else:
             eval_size = data_config.get("eval_size") or 0
             if eval_size == "auto":  # 10% of the rows (as the reference DistillKit setup), at most 500, at least 1
@@ -351,6 +379,9 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
             if eval_rows > 0:
                 split = tokenized.train_test_split(test_size=eval_rows, seed=data_config["seed"], shuffle=True)
                 train, evaluation = split["train"], split["test"]
+                if sample_fraction == 1:  # prompt-only rows have nothing to evaluate against
+                    evaluation = evaluation.filter(lambda labels: [counted_positions(row) > 0 for row in labels],
+                                                   input_columns="labels", batched=True, desc="Keeping answered rows")
     stats = {"format": data_format, "rows": len(raw), "dropped": dropped, "train": len(train),
              "eval": 0 if evaluation is None else len(evaluation)}
     print_rank0(f"dataset: {stats}")

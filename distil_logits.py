@@ -26,6 +26,9 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - N is the number of counted positions in the whole optimizer step (all accumulated micro-batches, all processes):
   the Trainer's `num_items_in_batch`, so that 2 x 2 accumulated rows train exactly as a batch of 4.
 - Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
+- On-policy (`on_policy.fraction` > 0, on_policy.py): a sampled micro-batch replaces each row's last answer by the
+  student's own completion of the prompt; its loss is KD alone (no ground truth for CE) on the completion tokens,
+  with the same N (the step's counted tokens, completions included). Reverse KL at T = 1 is recommended (README).
 """
 
 from trl import SFTTrainer
@@ -70,6 +73,7 @@ from losses import (
     student_loss,
     teacher_hidden_at_counted_positions,
 )
+from on_policy import NOT_MODEL_INPUTS, COMPLETION_LENGTHS, OnPolicySampler, PromptCollator, check_on_policy
 from offline import (CaptureRowCollator, TopKCapture, TopKCodec, capture_settings, check_capture_manifest, run_capture,
                      with_row_index)
 
@@ -108,6 +112,12 @@ config = {
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
+    },
+    "on_policy": {
+        "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
+        "max_new_tokens": 256,  # length of a sampled completion (also capped by tokenizer.max_length)
+        "temperature": 1.0,  # sampling temperature of the student (1: its own distribution)
+        "top_p": 1.0,  # nucleus sampling (1: the whole vocabulary)
     },
     "offline": {
         "mode": None,  # None: teacher runs next to the student | capture: store its top-k and stop | train: learn from a capture
@@ -154,6 +164,7 @@ CONFIG_KEYS = {
     "tokenizer": ("max_length", "chat_template"),
     "model_config": ("use_flash_attention", "student_dtype"),
     "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb"),
+    "on_policy": ("fraction", "max_new_tokens", "temperature", "top_p"),
     "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
     "spectrum": ("layers_to_unfreeze",),
     "training": ("output_dir",),
@@ -187,6 +198,7 @@ def validate(config: dict) -> None:
         raise ConfigError("offline.mode is set but distillation.alpha is 0 (plain SFT needs no teacher).")
     if not isinstance(offline["top_k"], int) or offline["top_k"] < 1:
         raise ConfigError(f"offline.top_k must be a positive integer, got {offline['top_k']!r}.")
+    check_on_policy(config["on_policy"], config)
     if config["tokenizer"]["max_length"] < 2:
         raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
     for key in ("name", "eval_name"):
@@ -209,8 +221,9 @@ class LogitsTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
-                 **kwargs):
+                 on_policy: OnPolicySampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.on_policy = on_policy
         self.distillation = distillation
         self.vocab_size = vocab_size
         self.capture_readers = capture_readers
@@ -237,7 +250,8 @@ class LogitsTrainer(SFTTrainer):
                 check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
             self.heads_checked = True
         labels, capture_rows = inputs["labels"], inputs.get("capture_row")
-        student_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
+        student_inputs = {key: value for key, value in inputs.items()
+                          if key not in ("labels", "capture_row") + NOT_MODEL_INPUTS}
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
@@ -249,17 +263,25 @@ class LogitsTrainer(SFTTrainer):
         elif self.capture_readers is not None:
             stored_topk = self.capture_readers[mode].batch(capture_rows.tolist(), labels.device)
         alpha, distillation = self.distillation["alpha"], self.distillation
+        sampled = COMPLETION_LENGTHS in inputs  # the student's own completions: KD alone, there is no ground truth
+        kd_weight, ce_weight = (1.0, 0.0) if sampled else (alpha, 1 - alpha)
         outputs = student_loss(
             model, student_inputs, labels,
             teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
             stored_topk=stored_topk,
-            kd_weight=alpha, ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
+            kd_weight=kd_weight, ce_weight=ce_weight, num_items_in_batch=num_items_in_batch,
             divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
             beta=distillation["beta"], skew=distillation["skew"], memory_budget_mb=distillation["loss_memory_mb"],
         )
-        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir,
-                          kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
-                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
+        parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
+                     ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
+        if self.on_policy is not None:  # sampled and dataset batches logged apart; a part with no tokens is not logged
+            lengths = inputs[COMPLETION_LENGTHS].float() if sampled else batch_tokens.new_zeros(1).float()
+            parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens * (not sampled)),
+                         ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens * (not sampled)),
+                         kd_loss_on_policy=(outputs["kd_loss"], num_items_in_batch, batch_tokens * sampled),
+                         completion_length=(lengths.mean(), lengths.numel() * sampled, lengths.numel() * sampled))
+        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir, **parts)
         loss = outputs["loss"]
         # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
         if mode == "train" and self.args.average_tokens_across_devices:
@@ -268,7 +290,32 @@ class LogitsTrainer(SFTTrainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
+        if self.on_policy is not None and self.model.training:
+            logs.update(self.on_policy.pop_speeds())
         super().log(logs, start_time)
+
+    # --- on-policy distillation (on_policy.py): sampled batches are built before the step's tokens are counted ---
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
+        """The Trainer's, except that the micro-batches that sample are replaced by the student's completions before
+        num_items_in_batch (N) is counted, so completions of any length weigh per token across the whole step."""
+        if self.on_policy is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        batches = self.on_policy.replace(batches, self.state.global_step, self.model_wrapped, self.accelerator, zero3,
+                                         self.accelerator.autocast)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.on_policy is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self.on_policy.timing_training(inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def create_model_card(self, *args, **kwargs) -> None:
         pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
@@ -300,7 +347,14 @@ def main(config: dict) -> LogitsTrainer:
             eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
         )
         check_launch(args, "distil_logits.py")
-    train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
+    fraction = config["on_policy"]["fraction"]  # before the data: the template's end-of-turn token is checked here
+    sampler = OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
+                              args.seed) if fraction > 0 else None
+    train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
+                                                      sample_fraction=fraction)
+    if fraction > 0 and eval_dataset is not None and len(eval_dataset) == 0:
+        print_rank0("warning: no held-out row has an answer to evaluate on (prompt-only data); evaluation is off")
+        eval_dataset, args.eval_strategy = None, "no"
     splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
 
     capture_readers = None
@@ -344,7 +398,9 @@ def main(config: dict) -> LogitsTrainer:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=student_optimizer(config, args),
-        data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else None,
+        data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
+        PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of) if fraction > 0 else None,
+        on_policy=sampler,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),

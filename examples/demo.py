@@ -3,6 +3,7 @@ compare with plain SFT.
 
     python examples/demo.py            # builds (once) data, tokenizer and teacher under examples/.cache, then trains
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
+    python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
 
 What it does, all offline:
 1. Makes a ShareGPT dataset of questions whose answers are sampled from a fixed distribution per question
@@ -15,7 +16,9 @@ What it does, all offline:
    and with hidden-state distillation (distil_hidden.py, shared tokenizer); then the same pair again with the
    student on a second tokenizer (trained on other rows, another vocabulary size), where hidden states are compared
    only at aligned character offsets.
-5. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
+5. Continues the SFT student for a few steps with on-policy reverse KL (the student samples, the teacher scores) and
+   as many with off-policy KD on the dataset's answers, and measures both on the student's own samples.
+6. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
    examples/output/demo_curves.png and demo_results.json. Cross-entropies of the tokenizer-B students are per
    tokenizer-B token: compare them with each other, not with the other rows.
 """
@@ -57,6 +60,10 @@ demo = {
     "hidden_student": {"hidden_size": 48, "num_hidden_layers": 3},
     "hidden": {"alpha": 0.5, "loss": "mse", "layer_map": "uniform"},
     "tokenizer_b": {"vocab_size": 384, "rows": 1000, "seed": 7},  # the second student tokenizer: other rows and size
+    # on-policy: from the SFT student, the same number of steps of on-policy reverse KL and of off-policy KD (same
+    # divergence and temperature, only on_policy.fraction differs), then measured on the student's own samples
+    "on_policy": {"steps": 60, "batch": 32, "learning_rate": 1e-3, "max_new_tokens": 16, "eval_prompts": 200,
+                  "distillation": {"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0}},
 }
 
 
@@ -130,6 +137,90 @@ def heldout_nats(model_dir: str, eval_path: str, max_length: int = 128) -> tuple
             total += causal_lm_loss(model(input_ids).logits, labels).item() * tokens
             count += tokens
     return total, count
+
+
+def sampled_reverse_kl(student_dir: str, teacher_dir: str, eval_path: str, prompts: int, max_new_tokens: int,
+                       seed: int = 0) -> dict:
+    """Sample one completion per held-out prompt from the student (temperature 1, the whole vocabulary) and return the
+    reverse KL(student || teacher) per sampled token (the full-vocabulary divergence at each sampled position, what
+    on-policy training minimises and what a user of the student meets) and the share of completions that are valid
+    answers of the demo task (demo_data.extract_answer finds exactly one answer of the question asked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import on_policy
+    from data import CHATML_TEMPLATE, to_messages
+    from losses import token_divergence
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    stop_ids = sorted({on_policy.end_of_turn_id(tokenizer), tokenizer.eos_token_id})
+    rows = [json.loads(line) for line in open(eval_path)][:prompts]
+    kl_sum, tokens, valid = 0.0, 0, 0
+    for start in range(0, len(rows), 50):
+        batch_rows = rows[start:start + 50]
+        prompt_ids = [tokenize_row(row, tokenizer, "sharegpt", 128, with_prompt=True)["prompt_ids"] for row in batch_rows]
+        width = max(map(len, prompt_ids))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        completions = on_policy.sample_completions(
+            student, ids, mask, {"temperature": 1.0, "top_p": 1.0}, stop_ids, tokenizer.pad_token_id, len(tokenizer),
+            seed + start, max_new_tokens)
+        batch = on_policy.label_completions(prompt_ids, completions, set(stop_ids), 128, tokenizer.pad_token_id)
+        with torch.no_grad():
+            counted = batch["labels"][:, 1:] != -100
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            log_q = student(**inputs).logits[:, :-1][counted].float().log_softmax(-1)
+            log_p = teacher(**inputs).logits[:, :-1][counted][:, :len(tokenizer)].float().log_softmax(-1)
+        kl_sum += token_divergence(log_q[:, :len(tokenizer)], log_p, "reverse_kl").sum().item()
+        tokens += int(counted.sum())
+        for row, completion, length in zip(batch_rows, completions, batch["completion_lengths"].tolist()):
+            question = [m for m in to_messages(row, "sharegpt") if m["role"] == "user"][-1]["content"]
+            reply = tokenizer.decode(completion[:length], skip_special_tokens=True)
+            valid += demo_data.extract_answer(question, reply) is not None
+    return {"reverse_kl_on_own_samples": kl_sum / tokens, "valid_answer_share": valid / len(rows),
+            "mean_completion_tokens": tokens / len(rows)}
+
+
+def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
+    """From the SFT student: demo["on_policy"]["steps"] steps of on-policy reverse KL and as many of off-policy KD on
+    the dataset's answers; held-out CE and the sampled metrics of the start and of both students."""
+    settings = demo["on_policy"]
+    results = {"teacher (reference)": {"eval_ce": heldout_cross_entropy(paths["teacher"], paths["eval"]),
+                                       **sampled_reverse_kl(paths["teacher"], paths["teacher"], paths["eval"],
+                                                            settings["eval_prompts"], settings["max_new_tokens"])},
+               "SFT start": {"eval_ce": heldout_cross_entropy(sft_dir, paths["eval"]),
+                             **sampled_reverse_kl(sft_dir, paths["teacher"], paths["eval"], settings["eval_prompts"],
+                                                  settings["max_new_tokens"])}}
+    for name, fraction in (("off-policy KD", 0.0), ("on-policy reverse KL", 1.0)):
+        output_dir = os.path.join(OUTPUT, "on_policy" if fraction else "off_policy")
+        config = run_config(f"demo-{'on' if fraction else 'off'}-policy", paths["teacher"], sft_dir, paths["train"],
+                            paths["eval"], demo["student_rows"], 1, settings["batch"], settings["learning_rate"],
+                            output_dir, **settings["distillation"])
+        config["training"].update(max_steps=settings["steps"], eval_strategy="no", warmup_ratio=0.0,
+                                  lr_scheduler_type="constant", logging_steps=5)
+        config["on_policy"].update(fraction=fraction, max_new_tokens=settings["max_new_tokens"])
+        trainer = timed(distil_logits.main)(config)
+        speeds = [log for log in trainer.state.log_history if "sampling_tokens_per_second" in log]
+        results[name] = {"eval_ce": heldout_cross_entropy(output_dir, paths["eval"]),
+                         **sampled_reverse_kl(output_dir, paths["teacher"], paths["eval"], settings["eval_prompts"],
+                                              settings["max_new_tokens"])}
+        if speeds:
+            results[name].update(sampling_tokens_per_second=speeds[-1]["sampling_tokens_per_second"],
+                                 training_tokens_per_second=speeds[-1]["training_tokens_per_second"])
+    return results
+
+
+def print_on_policy(results: dict) -> None:
+    settings = demo["on_policy"]
+    print(f"\nfrom the SFT student, {settings['steps']} more steps ({settings['distillation']}); sampled metrics on "
+          f"{settings['eval_prompts']} held-out prompts, temperature 1:\n")
+    print("| student | eval CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |\n"
+          "| --- | --- | --- | --- | --- |")
+    for name, row in results.items():
+        print(f"| {name} | {row['eval_ce']:.4f} | {row['reverse_kl_on_own_samples']:.4f} | "
+              f"{100 * row['valid_answer_share']:.1f}% | {row['mean_completion_tokens']:.2f} |")
 
 
 def build(rebuild: bool) -> dict:
@@ -209,6 +300,8 @@ def timed(function):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
+    parser.add_argument("--on-policy-only", action="store_true",
+                        help="train the SFT student, then only the on-policy vs off-policy comparison")
     args = parser.parse_args()
     start = time.time()
     # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
@@ -221,6 +314,13 @@ def main() -> None:
                          batch=32, learning_rate=7e-3)
     print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
     sft = timed(distil_logits.main)(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
+    print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
+    on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
+    if args.on_policy_only:
+        print_on_policy(on_policy_results)
+        json.dump(on_policy_results, open(os.path.join(OUTPUT, "demo_on_policy.json"), "w"), indent=2)
+        print(f"seconds per run: {PHASE_SECONDS} ({time.time() - start:.0f} s in all)")
+        return
     print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
     kd = timed(distil_logits.main)(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
     print(f"capturing the teacher's top-{demo['offline_top_k']} once, then training the same KD student from it")
@@ -292,12 +392,13 @@ def main() -> None:
         gap = results[sft_row] - results[hidden_row]
         print(f"hidden-state KD minus SFT ({label}): {-gap:+.4f} nats/token "
               f"({'hidden KD better' if gap > 0 else 'SFT better or equal'})")
+    print_on_policy(on_policy_results)
     students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
     print(f"best student: {min(students, key=students.get)}")
     plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
           "Llama hidden KD": eval_curve(llama_hidden)},
          {"teacher": results["teacher (all rows)"]}, os.path.join(OUTPUT, "demo_curves.png"))
-    json.dump({"settings": demo, "eval_cross_entropy": results, "offline": offline_summary,
+    json.dump({"settings": demo, "eval_cross_entropy": results, "offline": offline_summary, "on_policy": on_policy_results,
                "seconds": time.time() - start},
               open(os.path.join(OUTPUT, "demo_results.json"), "w"), indent=2)
     print("seconds per run: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in PHASE_SECONDS.items()))
