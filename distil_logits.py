@@ -28,6 +28,7 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
 """
 
+import torch
 from trl import SFTTrainer
 
 from common import (
@@ -49,7 +50,8 @@ from common import (
     save_finished_run,
     student_optimizer,
 )
-from alignment import shared_vocab_size
+from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
+                       span_continuations, tokenize_row_for_logits)
 from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
     CHATML_TEMPLATE,
@@ -61,6 +63,7 @@ from data import (
     wants_eval,
 )
 from losses import (
+    CROSS_TOKENIZER_METHODS,
     DIVERGENCES,
     add_distillation_forward,
     add_hidden_states_forward,
@@ -95,6 +98,7 @@ config = {
     "tokenizer": {
         "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length
         "chat_template": CHATML_TEMPLATE,  # Jinja template used to render conversations (None: the tokenizer's own)
+        "teacher_chat_template": None,  # cross_tokenizer only: the teacher's own template (None: its tokenizer's own)
     },
     "model_config": {
         "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
@@ -108,6 +112,9 @@ config = {
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
+        "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (README)
+        "hybrid_matched_weight": 1.0,  # hybrid: weight of the divergence on the exact-match shared vocabulary
+        "hybrid_unmatched_weight": 1.0,  # hybrid: weight of the sorted L1 on the rest of the two distributions
     },
     "offline": {
         "mode": None,  # None: teacher runs next to the student | capture: store its top-k and stop | train: learn from a capture
@@ -151,9 +158,10 @@ CONFIG_KEYS = {
     "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
                 "system_prompt"),
     "models": ("teacher", "student"),
-    "tokenizer": ("max_length", "chat_template"),
+    "tokenizer": ("max_length", "chat_template", "teacher_chat_template"),
     "model_config": ("use_flash_attention", "student_dtype"),
-    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb"),
+    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb", "cross_tokenizer",
+                     "hybrid_matched_weight", "hybrid_unmatched_weight"),
     "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
     "spectrum": ("layers_to_unfreeze",),
     "training": ("output_dir",),
@@ -176,6 +184,14 @@ def validate(config: dict) -> None:
     for key in ("beta", "skew"):
         if not 0 < distillation[key] < 1:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
+    if distillation["cross_tokenizer"] not in (None, *CROSS_TOKENIZER_METHODS):
+        raise ConfigError(f"distillation.cross_tokenizer must be null, uld or hybrid, got {distillation['cross_tokenizer']!r}.")
+    for key in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
+        if not isinstance(distillation[key], (int, float)) or distillation[key] < 0:
+            raise ConfigError(f"distillation.{key} must be a number >= 0, got {distillation[key]!r}.")
+    if distillation["cross_tokenizer"] and (config["offline"]["mode"] or config["training"].get("packing")):
+        raise ConfigError("distillation.cross_tokenizer needs offline.mode: null and training.packing: false (each row "
+                          "carries the teacher's own tokens and an alignment).")
     offline = config["offline"]
     if offline["mode"] not in (None, "capture", "train"):
         raise ConfigError(f"offline.mode must be null, capture or train, got {offline['mode']!r}.")
@@ -209,9 +225,10 @@ class LogitsTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
-                 **kwargs):
+                 cross: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distillation = distillation
+        self.cross = cross  # a teacher with another tokenizer: shared_ids and teacher_vocab (main)
         self.vocab_size = vocab_size
         self.capture_readers = capture_readers
         self.teacher = self.teacher_head = None
@@ -234,16 +251,20 @@ class LogitsTrainer(SFTTrainer):
             row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
             check_head_matches_forward(model, self.model, row, "student", mixed_precision)
             if self.teacher is not None:
-                check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
+                teacher_row = inputs["teacher_input_ids"][:1, :16] if self.cross else row
+                check_head_matches_forward(self.teacher, self.teacher_module, teacher_row, "teacher", mixed_precision)
             self.heads_checked = True
         labels, capture_rows = inputs["labels"], inputs.get("capture_row")
-        student_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "capture_row")}
+        student_inputs = {key: value for key, value in inputs.items()
+                          if key not in ("labels", "capture_row") and not key.startswith(("teacher_", "student_"))}
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
             num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
-        teacher_hidden = stored_topk = None
-        if self.teacher is not None:
+        teacher_hidden = stored_topk = cross = None
+        if self.teacher is not None and self.cross:
+            cross = self.cross_tokenizer_inputs(inputs)
+        elif self.teacher is not None:
             teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
                                                                  self.teacher_final_layer)
         elif self.capture_readers is not None:
@@ -252,19 +273,51 @@ class LogitsTrainer(SFTTrainer):
         outputs = student_loss(
             model, student_inputs, labels,
             teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
-            stored_topk=stored_topk,
+            stored_topk=stored_topk, cross_tokenizer=cross,
             kd_weight=alpha, ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
             divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
             beta=distillation["beta"], skew=distillation["skew"], memory_budget_mb=distillation["loss_memory_mb"],
         )
+        parts = {}
+        if cross is not None:  # share of the student's counted positions that have a teacher position
+            aligned = torch.as_tensor(cross["rows"].numel(), device=labels.device)
+            parts["aligned_share"] = (aligned / batch_tokens.clamp(min=1), batch_tokens, batch_tokens)
         self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir,
                           kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
-                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
+                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens), **parts)
         loss = outputs["loss"]
         # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
         if mode == "train" and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def cross_tokenizer_inputs(self, inputs: dict) -> dict:
+        """What `chunked_cross_tokenizer_kd` needs for a batch of `tokenize_row_for_logits` rows: the aligned pairs, the
+        following tokens of merged spans on both sides, and the teacher's final hidden states there (backbone only,
+        on its own tokens)."""
+        valid = inputs["student_positions"] >= 0
+        rows = valid.nonzero(as_tuple=True)[0]
+        teacher_positions = inputs["teacher_positions"][valid]
+        with torch.no_grad():
+            teacher_hidden = self.teacher(input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"],
+                                          use_cache=False, hidden_layers=[self.teacher_final_layer])[self.teacher_final_layer]
+        owner, continuation_rows, continuation_positions, targets = span_continuations(
+            rows, inputs["student_positions"][valid], inputs["student_span_tokens"][valid], inputs["input_ids"])
+        teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
+            rows, teacher_positions, inputs["teacher_span_tokens"][valid], inputs["teacher_input_ids"])
+        return {
+            "rows": rows, "positions": inputs["student_positions"][valid],
+            "continuation_owner": owner, "continuation_rows": continuation_rows,
+            "continuation_positions": continuation_positions, "continuation_targets": targets,
+            "teacher_hidden": teacher_hidden[rows, teacher_positions],
+            "teacher_continuation_hidden": teacher_hidden[teacher_rows, teacher_continuation],
+            "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
+            "teacher_head": self.teacher_head, "teacher_transform": self.teacher_transform,
+            "teacher_vocab": self.cross["teacher_vocab"], "shared_ids": self.cross["shared_ids"],
+            "method": self.distillation["cross_tokenizer"], "top_k": self.cross.get("top_k"),
+            "matched_weight": self.distillation["hybrid_matched_weight"],
+            "unmatched_weight": self.distillation["hybrid_unmatched_weight"],
+        }
 
     def log(self, logs: dict, start_time=None) -> None:
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
@@ -283,8 +336,15 @@ def main(config: dict) -> LogitsTrainer:
     offline = config["offline"]
     tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
     use_teacher = distillation["alpha"] > 0 and offline["mode"] != "train"
-    vocab_size = len(tokenizer)
-    if use_teacher:
+    vocab_size, cross = len(tokenizer), None
+    if use_teacher and distillation["cross_tokenizer"]:
+        # Any teacher tokenizer: each model renders the rows with its own template, positions are aligned by character.
+        teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"])
+        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer})
+        cross = {"shared_ids": shared_vocabulary(tokenizer, teacher_tokenizer), "teacher_vocab": len(teacher_tokenizer)}
+        print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {cross['shared_ids'][0].numel()} of the "
+                    f"student's {vocab_size} tokens have an exact match among the teacher's {len(teacher_tokenizer)}")
+    elif use_teacher:
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:
@@ -298,9 +358,14 @@ def main(config: dict) -> LogitsTrainer:
             config,
             max_length=config["tokenizer"]["max_length"],
             eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+            remove_unused_columns=cross is None,  # the teacher's tokens and the alignment must reach compute_loss
         )
         check_launch(args, "distil_logits.py")
-    train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
+    if cross:
+        train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
+                                                                 config["tokenizer"]["max_length"], tokenize_row_for_logits)
+    else:
+        train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
     splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
 
     capture_readers = None
@@ -324,10 +389,11 @@ def main(config: dict) -> LogitsTrainer:
     if offline["mode"] == "capture":
         return run_capture(config, teacher, tokenizer, splits, vocab_size)
     student = load_causal_lm(config["models"]["student"], config)
-    for name, model in (("student", student), ("teacher", teacher)):
-        if model is not None and output_vocab_size(model) < vocab_size:
+    for name, model, size in (("student", student, vocab_size),
+                              ("teacher", teacher, cross["teacher_vocab"] if cross else vocab_size)):
+        if model is not None and output_vocab_size(model) < size:
             raise ConfigError(
-                f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {vocab_size} tokens of "
+                f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {size} tokens of "
                 "the tokenizer. Use the tokenizer that was trained with the model."
             )
     if patterns:
@@ -339,12 +405,14 @@ def main(config: dict) -> LogitsTrainer:
         capture_readers=capture_readers,
         distillation=distillation,
         vocab_size=vocab_size,
+        cross=cross,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=student_optimizer(config, args),
-        data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else None,
+        data_collator=(CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
+                       PairedCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id) if cross else None),
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
