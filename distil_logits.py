@@ -307,6 +307,7 @@ class LogitsTrainer(SFTTrainer):
             rows, teacher_positions, inputs["teacher_span_tokens"][valid], inputs["teacher_input_ids"])
         return {
             "rows": rows, "positions": inputs["student_positions"][valid],
+            "merged": (inputs["student_span_tokens"][valid] > 1) | (inputs["teacher_span_tokens"][valid] > 1),
             "continuation_owner": owner, "continuation_rows": continuation_rows,
             "continuation_positions": continuation_positions, "continuation_targets": targets,
             "teacher_hidden": teacher_hidden[rows, teacher_positions],

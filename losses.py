@@ -221,6 +221,7 @@ def cross_tokenizer_divergence(
     beta: float = 0.5,
     skew: float = 0.1,
     top_k: int | None = None,
+    merged: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per aligned pair, the distance between the student's (M, Vs) and the teacher's (M, Vt) next-token
     log-probabilities over their own real vocabularies (at temperature T). Returns (M,).
@@ -232,7 +233,10 @@ def cross_tokenizer_divergence(
     hybrid  matched_weight * D(p~_S / p~(S), q~_S / q~(S)) + unmatched_weight * sorted_l1(p~ off S, q~ off S)
 
     S is the exact-match shared vocabulary (`shared_ids` = (student ids, teacher ids), paired in order), D the
-    configured `token_divergence`; renormalised over S, the span factors cancel in the first term.
+    configured `token_divergence`; renormalised over S, the span factors cancel in the first term. At merged pairs
+    (`merged` (M,) true: a side needs several tokens for the span) a token's string is not what its entry stands for
+    (the teacher's "1" carries the span "12" that the student writes as one token), so hybrid uses
+    unmatched_weight * sorted_l1(p~, q~) over the whole vocabularies there, as uld does.
     """
     student_span = 0 if student_span_log_prob is None else student_span_log_prob[:, None]
     teacher_span = 0 if teacher_span_log_prob is None else teacher_span_log_prob[:, None]
@@ -249,7 +253,10 @@ def cross_tokenizer_divergence(
                                    torch.log_softmax(teacher_log_probs[:, teacher_ids], -1), divergence, beta, skew)
     p_rest = p.index_fill(1, teacher_ids, 0.0)  # zeros sort last: the same as dropping the shared columns
     q_rest = q.index_fill(1, student_ids, 0.0)
-    return matched_weight * matched + unmatched_weight * sorted_l1(p_rest, q_rest, top_k)
+    hybrid = matched_weight * matched + unmatched_weight * sorted_l1(p_rest, q_rest, top_k)
+    if merged is None or not bool(merged.any()):
+        return hybrid
+    return torch.where(merged, unmatched_weight * sorted_l1(p, q, top_k), hybrid)
 
 
 def cross_tokenizer_loss(
@@ -271,7 +278,7 @@ def cross_tokenizer_loss(
         KD = T^2 / N * sum_k cross_tokenizer_divergence(log_softmax(s_k[:Vs] / T), log_softmax(t_k[:Vt] / T))
 
     N = `num_items_in_batch` (the step's counted student tokens) or, when None, M. `weights` go to
-    `cross_tokenizer_divergence` (matched_weight, unmatched_weight, beta, skew, top_k)."""
+    `cross_tokenizer_divergence` (matched_weight, unmatched_weight, beta, skew, top_k, merged)."""
     student = F.log_softmax(student_logits[:, :student_vocab].float() / temperature, -1)
     teacher = F.log_softmax(teacher_logits[:, :teacher_vocab].float() / temperature, -1)
     per_pair = cross_tokenizer_divergence(student, teacher, method, shared_ids, divergence,
@@ -795,7 +802,8 @@ def chunked_cross_tokenizer_kd(student_hidden: torch.Tensor, student_head: torch
                                         teacher_transform, teacher_vocab, temperature)
         student = _scaled_log_probs(hidden_chunk, weight, bias, transform, student_vocab, temperature)
         return cross_tokenizer_divergence(student, teacher, student_span_log_prob=student_span_chunk,
-                                          teacher_span_log_prob=teacher_span[start:end], **settings).sum()
+                                          teacher_span_log_prob=teacher_span[start:end],
+                                          merged=cross["merged"][start:end], **settings).sum()
 
     total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     for start in range(0, pairs, chunk):
