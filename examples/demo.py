@@ -14,7 +14,7 @@ What it does, all offline:
 4. Trains a Llama-style student (another architecture, hidden size and depth) on the same rows and epochs, SFT only
    and with hidden-state distillation (distil_hidden.py, shared tokenizer); then the same pair again with the
    student on a second tokenizer (trained on other rows, another vocabulary size), where hidden states are compared
-   only at aligned character offsets.
+   only at aligned character offsets, and that student with logit KD across tokenizers (uld and hybrid).
 5. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
    examples/output/demo_curves.png and demo_results.json. Cross-entropies of the tokenizer-B students are per
    tokenizer-B token: compare them with each other, not with the other rows.
@@ -58,6 +58,10 @@ demo = {
     "hidden": {"alpha": 0.5, "loss": "mse", "layer_map": "uniform"},
     "tokenizer_b": {"vocab_size": 384, "rows": 1000, "seed": 7},  # the second student tokenizer: other rows and size
 }
+# Logit KD across tokenizers (distil_logits.py, distillation.cross_tokenizer) for the tokenizer-B student, at the
+# script's defaults (alpha 0.5, T 2, forward KL), evaluated once at the end to keep the demo short. Outside `demo`,
+# whose every key is part of the cached build's identity.
+CROSS_TOKENIZER_ROWS = ("uld", "hybrid")
 
 
 def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int,
@@ -248,6 +252,12 @@ def main() -> None:
     timed(distil_hidden.main)(five_evaluations(run_config(
         "demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"), script=distil_hidden,
         **demo["hidden"], **b_setup)))
+    for method in CROSS_TOKENIZER_ROWS:
+        print(f"the Llama student on tokenizer B with logit KD across tokenizers ({method})")
+        cross_config = run_config(f"demo-llama-b-{method}", output_dir=os.path.join(OUTPUT, f"llama_b_{method}"),
+                                  cross_tokenizer=method, **b_setup)
+        cross_config["training"]["eval_strategy"] = "no"
+        timed(distil_logits.main)(cross_config)
 
     results = {
         "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),
@@ -262,7 +272,9 @@ def main() -> None:
     # Tokenizer-B students: the negative log-likelihood of the same assistant text, per teacher-tokenizer token.
     _, teacher_tokens = heldout_nats(paths["teacher"], paths["eval"])
     for name, folder in (("Llama student, tokenizer B, SFT *", "llama_b_sft"),
-                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden")):
+                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden"),
+                         *((f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *", f"llama_b_{method}")
+                           for method in CROSS_TOKENIZER_ROWS)):
         results[name] = heldout_nats(os.path.join(OUTPUT, folder), paths["eval"])[0] / teacher_tokens
     print(f"\nheld-out cross-entropy on the assistant tokens of {demo['eval_rows']} rows (lower is better):\n")
     print("| model | eval CE (nats/token) |\n| --- | --- |")
@@ -288,10 +300,12 @@ def main() -> None:
     for label, sft_row, hidden_row in (
         ("Llama student", "Llama student, SFT", "Llama student, hidden-state KD"),
         ("Llama student, tokenizer B", "Llama student, tokenizer B, SFT *", "Llama student, tokenizer B, hidden-state KD *"),
+        *((f"Llama student, tokenizer B, {method}", "Llama student, tokenizer B, SFT *",
+           f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *") for method in CROSS_TOKENIZER_ROWS),
     ):
         gap = results[sft_row] - results[hidden_row]
-        print(f"hidden-state KD minus SFT ({label}): {-gap:+.4f} nats/token "
-              f"({'hidden KD better' if gap > 0 else 'SFT better or equal'})")
+        print(f"{'logit' if 'across' in hidden_row else 'hidden-state'} KD minus SFT ({label}): {-gap:+.4f} nats/token "
+              f"({'KD better' if gap > 0 else 'SFT better or equal'})")
     students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
     print(f"best student: {min(students, key=students.get)}")
     plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
