@@ -1,5 +1,5 @@
 """Logit distillation: a student learns a teacher's next-token distribution (KL and friends at a temperature),
-mixed with the usual cross-entropy. Teacher and student must share a tokenizer (else use distil_hidden.py).
+mixed with the usual cross-entropy. Teacher and student share a tokenizer, or distillation.cross_tokenizer is set.
 
     python distil_logits.py                                   # one GPU (or the CPU), the inline `config` below
     accelerate launch --multi_gpu --num_processes 8 distil_logits.py   # 8 GPUs, DDP (keep --multi_gpu: README)
@@ -26,6 +26,10 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - N is the number of counted positions in the whole optimizer step (all accumulated micro-batches, all processes):
   the Trainer's `num_items_in_batch`, so that 2 x 2 accumulated rows train exactly as a batch of 4.
 - Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
+- A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
+  i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
+  vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
+  N and CE are as above (losses.cross_tokenizer_divergence; README, "Logit distillation across tokenizers").
 """
 
 import torch
@@ -70,6 +74,7 @@ from losses import (
     check_head_matches_forward,
     final_layer,
     head_transform,
+    sorted_l1_top_k,
     student_loss,
     teacher_hidden_at_counted_positions,
 )
@@ -92,7 +97,7 @@ config = {
     },
     # --- models ---
     "models": {
-        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; must share the student's tokenizer
+        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; shares the student's tokenizer unless cross_tokenizer
         "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder
     },
     "tokenizer": {
@@ -315,7 +320,8 @@ class LogitsTrainer(SFTTrainer):
             "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
             "teacher_head": self.teacher_head, "teacher_transform": self.teacher_transform,
             "teacher_vocab": self.cross["teacher_vocab"], "shared_ids": self.cross["shared_ids"],
-            "method": self.distillation["cross_tokenizer"], "top_k": self.cross.get("top_k"),
+            "method": self.distillation["cross_tokenizer"],
+            "top_k": sorted_l1_top_k(self.vocab_size, self.cross["teacher_vocab"]),
             "matched_weight": self.distillation["hybrid_matched_weight"],
             "unmatched_weight": self.distillation["hybrid_unmatched_weight"],
         }

@@ -189,6 +189,15 @@ def hidden_state_loss(
 
 
 CROSS_TOKENIZER_METHODS = ("uld", "hybrid")
+# The sorted L1 compares the top SORTED_L1_TOP_K of each distribution (plus the tails' mass difference) once a
+# vocabulary is larger than 16x that: a full sort of 32k entries per position made the loss 6x the same-tokenizer
+# loss's time, the top 256 2.5x (bench/loss_bench.py, README). Smaller vocabularies are sorted whole.
+SORTED_L1_TOP_K = 256
+
+
+def sorted_l1_top_k(*vocab_sizes: int) -> int | None:
+    """The `top_k` of `sorted_l1` for distributions over these vocabularies (None: the full sort)."""
+    return SORTED_L1_TOP_K if max(vocab_sizes) > 16 * SORTED_L1_TOP_K else None
 
 
 def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -745,6 +754,14 @@ def _checkpointed(function, *tensors):
     return function(*tensors)
 
 
+def cross_tokenizer_chunk_tokens(vocab: int, memory_budget_mb: float) -> int:
+    """Aligned pairs per chunk of `chunked_cross_tokenizer_kd` (at least 16, a multiple of 16): about 100 bytes per
+    (pair, vocabulary entry) are live at once in a chunk's forward or its recomputation (both sides' float32 logits,
+    log-softmaxes, probabilities and zero-padded copies, the sorted values and their int64 sort indices). Unlike the
+    kernel's estimate there is no CPU block: every temporary spans the whole chunk."""
+    return max(16, int(memory_budget_mb * 2**20 / (vocab * 100)) // 16 * 16)
+
+
 def chunked_token_log_probs(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None],
                             targets: torch.Tensor, temperature: float, vocab: int, chunk: int) -> torch.Tensor:
     """log softmax(logits[:vocab] / T)[target] per row of `hidden` (P, H): the probabilities of a merged span's
@@ -776,8 +793,7 @@ def chunked_cross_tokenizer_kd(student_hidden: torch.Tensor, student_head: torch
     weight, bias = full_head_tensors(student_head)
     teacher_weight, teacher_bias = full_head_tensors(teacher_head)
     pairs = cross["rows"].numel()
-    chunk = chunk_tokens_for_budget(max(student_vocab, teacher_vocab), memory_budget_mb, torch.float32,
-                                    student_hidden.device, "jsd")
+    chunk = cross_tokenizer_chunk_tokens(max(student_vocab, teacher_vocab), memory_budget_mb)
 
     def span_log_prob(hidden, head, head_transform, side, vocab):
         log_probs = chunked_token_log_probs(hidden, head, head_transform, cross[f"{side}continuation_targets"],

@@ -551,6 +551,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", help=f"comma-separated subset of {','.join(config['sizes'])}")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(config['variants'])}")
+    parser.add_argument("--tokens", type=int, help="tokens T of every size (default: per size in config)")
     parser.add_argument("--repeats", type=int, help="timed steps per variant (default: per size in config)")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {config['warmup']})")
     parser.add_argument("--threads", type=int, help="torch threads in each variant's process (default: torch's)")
@@ -601,6 +602,8 @@ def main() -> None:
     for size_name, size in sizes.items():
         if args.repeats:
             size["repeats"] = args.repeats
+        if args.tokens:
+            size["tokens"] = args.tokens
         label = f"{size_name}: T={size['tokens']}, Hs={size['student_hidden']}, Ht={size['teacher_hidden']}, V={size['vocab']}"
         names = [name for name in variants if name not in size.get("skip", []) or args.variants]
         rounds = [[run_variant(name, size_name, size, settings) for name in (names if r % 2 == 0 else names[::-1])]
