@@ -333,7 +333,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
                                                    0.1, budget)
             return loss + kd_weight * kd * temperature**2 / hs.shape[0]
 
-        return run, {"chunk_tokens": losses.chunk_tokens_for_budget(vocab, budget, torch.float32, hs.device, "jsd")}
+        return run, {"chunk_tokens": losses.cross_tokenizer_chunk_tokens(vocab, budget)}
 
     if name == "floor":
         floor = floor_function()
