@@ -368,6 +368,12 @@ def main(config: dict) -> LogitsTrainer:
             remove_unused_columns=cross is None,  # the teacher's tokens and the alignment must reach compute_loss
         )
         check_launch(args, "distil_logits.py")
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if cross and is_deepspeed_zero3_enabled():
+            raise ConfigError("distillation.cross_tokenizer does not run under DeepSpeed ZeRO-3: its checkpointed chunks "
+                              "recompute the output heads in backward, after ZeRO-3 has partitioned them again. Use "
+                              "DDP, ZeRO-1/2 or FSDP.")
     if cross:
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
                                                                  config["tokenizer"]["max_length"], tokenize_row_for_logits)
