@@ -50,6 +50,7 @@ from common import (
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
+    return_large_frees_to_the_system,
     run_cli,
     save_finished_run,
     student_optimizer,
@@ -375,6 +376,9 @@ def main(config: dict) -> LogitsTrainer:
                               "recompute the output heads in backward, after ZeRO-3 has partitioned them again. Use "
                               "DDP, ZeRO-1/2 or FSDP.")
     if cross:
+        # The chunk loop allocates and frees (chunk, vocabulary) buffers; with glibc's adaptive threshold they are
+        # served from the heap and its high-water mark grows with the pairs per step (measured; README).
+        return_large_frees_to_the_system()
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
                                                                  config["tokenizer"]["max_length"], tokenize_row_for_logits)
     else:

@@ -315,6 +315,9 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
         # pairs, both vocabularies V; hybrid: the first half of the ids matched exactly. cross_*_topk: the sorted L1 on
         # the top 256 of each distribution (+ the tails' mass difference) instead of a full sort.
         method, top_k = name.split("_")[1], 256 if name.endswith("_topk") else None
+        from common import return_large_frees_to_the_system
+
+        return_large_frees_to_the_system()  # as distil_logits.main does for cross_tokenizer
         empty = torch.zeros(0, dtype=torch.long, device=hs.device)
         half = torch.arange(vocab // 2, device=hs.device)
         positions = torch.arange(hs.shape[0], device=hs.device)
