@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -120,8 +121,8 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, texts: list[str] = (
     difference = tokenization_difference(teacher_tokenizer, student_tokenizer, texts)
     if difference:
         raise ConfigError(
-            f"teacher and student tokenizers do not give the same ids for the same text: {difference}. Logit "
-            "distillation needs a shared tokenizer; use distil_hidden.py for models with different tokenizers."
+            f"teacher and student tokenizers do not give the same ids for the same text: {difference}. Set "
+            "distillation.cross_tokenizer: hybrid (or uld) to distil across tokenizers, or use distil_hidden.py."
         )
     size = min(len(teacher_tokenizer), len(student_tokenizer))
     if len(teacher_tokenizer) != len(student_tokenizer):
@@ -253,16 +254,19 @@ def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
         )
 
 
-def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokenizer, max_length: int):
+def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokenizer, max_length: int,
+                            tokenize_pair=None):
     """`prepare_datasets` for a teacher with another tokenizer or template: the same rows, shuffling, subsampling,
-    dropping and eval split, with each row tokenized by `tokenize_row_pair`. Returns (train, eval or None, stats).
+    dropping and eval split, with each row tokenized by `tokenize_pair` (default `tokenize_row_pair`; distil_logits.py
+    passes `tokenize_row_for_logits`). Returns (train, eval or None, stats).
 
     A training set in which alignment leaves no position to compare is an error (nothing to distil).
     """
     name, system_prompt = data_config["name"], data_config.get("system_prompt")
 
     def tokenize(row: dict, data_format: str) -> dict:
-        return tokenize_row_pair(row, student_tokenizer, teacher_tokenizer, data_format, max_length, system_prompt)
+        return (tokenize_pair or tokenize_row_pair)(row, student_tokenizer, teacher_tokenizer, data_format, max_length,
+                                                    system_prompt)
 
     train, evaluation, stats = prepare_datasets(data_config, student_tokenizer, max_length, tokenize,
                                                 description="Tokenizing for student and teacher")
@@ -285,7 +289,7 @@ def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokeni
 class PairedCollator:
     """Pads a batch of `tokenize_row_pair` rows on the right: input_ids / attention_mask / labels for the student,
     teacher_input_ids / teacher_attention_mask for the teacher, and student_positions / teacher_positions padded
-    with -1 (not a position)."""
+    with -1 (not a position); student_span_tokens / teacher_span_tokens too when the rows have them."""
 
     def __init__(self, student_pad_id: int, teacher_pad_id: int):
         self.student_pad_id, self.teacher_pad_id = student_pad_id, teacher_pad_id
@@ -307,6 +311,146 @@ class PairedCollator:
             "teacher_attention_mask": mask("teacher_input_ids"),
             "student_positions": pad("student_positions", -1),
             "teacher_positions": pad("teacher_positions", -1),
+            # tokenize_row_for_logits: tokens of each aligned span on each side (0 past the row's pairs)
+            **{key: pad(key, 0) for key in ("student_span_tokens", "teacher_span_tokens") if key in rows[0]},
         }
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logit distillation across tokenizers (distil_logits.py, distillation.cross_tokenizer)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def align_next_tokens(
+    student_text: str,
+    student_spans: list[tuple[int, int]],
+    student_offsets: list[tuple[int, int]],
+    teacher_text: str,
+    teacher_spans: list[tuple[int, int]],
+    teacher_offsets: list[tuple[int, int]],
+    merge_spans: bool = True,
+) -> list[tuple[int, int, int, int]]:
+    """(student position, teacher position, student tokens, teacher tokens) for every pair of next-token predictions
+    that cover the same text, for one row rendered twice.
+
+    The positions are those of `align_tokenizations` (both tokenizations end a token at the same character r of a
+    trained span), and each pair covers the text from r to the next such character r' (or, after the last one, to
+    the end of each span, the two templates' end-of-turn markers): the student needs `student tokens` tokens for it,
+    the teacher `teacher tokens`. 1 and 1: the two next tokens are the same text. Several: the loss compares the
+    probability of the merged span (the first token's distribution times the probabilities of the actual following
+    tokens). merge_spans=False keeps only the 1:1 pairs.
+    """
+    if len(student_spans) != len(teacher_spans):  # the same error as align_tokenizations gives
+        align_tokenizations(student_text, student_spans, [], teacher_text, teacher_spans, [])
+    student_boundaries, teacher_boundaries = token_boundaries(student_offsets), token_boundaries(teacher_offsets)
+    pairs = []
+    for (student_start, student_end), (teacher_start, teacher_end) in zip(student_spans, teacher_spans):
+        common = len(os.path.commonprefix([student_text[student_start:student_end], teacher_text[teacher_start:teacher_end]]))
+        shared = [r for r in range(min(common, student_end - student_start - 1, teacher_end - teacher_start - 1) + 1)
+                  if student_start + r in student_boundaries and teacher_start + r in teacher_boundaries]
+        # After the last shared offset each side's next piece runs to its span's end (the end-of-turn marker).
+        ends = [(student_start + r, teacher_start + r) for r in shared[1:]] + [(student_end, teacher_end)]
+        for r, (student_next, teacher_next) in zip(shared, ends):
+            if student_next not in student_boundaries or teacher_next not in teacher_boundaries:
+                continue
+            student_position, teacher_position = student_boundaries[student_start + r], teacher_boundaries[teacher_start + r]
+            student_tokens = student_boundaries[student_next] - student_position
+            teacher_tokens = teacher_boundaries[teacher_next] - teacher_position
+            if merge_spans or student_tokens == teacher_tokens == 1:
+                pairs.append((student_position, teacher_position, student_tokens, teacher_tokens))
+    return pairs
+
+
+def tokenize_row_for_logits(
+    row: dict, student_tokenizer, teacher_tokenizer, data_format: str, max_length: int, system_prompt: str | None = None,
+    merge_spans: bool = True,
+) -> dict:
+    """`tokenize_row_pair` for logit distillation: the student's input_ids and labels, the teacher's
+    teacher_input_ids, and the pairs of `align_next_tokens` as student_positions / teacher_positions /
+    student_span_tokens / teacher_span_tokens, keeping only pairs whose whole span survives truncation on both sides."""
+    student = tokenize_row(row, student_tokenizer, data_format, max_length, system_prompt)
+    teacher = tokenize_row(row, teacher_tokenizer, data_format, max_length, system_prompt)
+    pairs = []
+    if student["input_ids"] and teacher["input_ids"]:
+        student_text, student_spans, student_offsets = rendered_offsets(row, student_tokenizer, data_format, system_prompt)
+        teacher_text, teacher_spans, teacher_offsets = rendered_offsets(row, teacher_tokenizer, data_format, system_prompt)
+        pairs = [pair for pair in align_next_tokens(student_text, student_spans, student_offsets, teacher_text,
+                                                    teacher_spans, teacher_offsets, merge_spans)
+                 if pair[0] + pair[2] < len(student["input_ids"]) and pair[1] + pair[3] < len(teacher["input_ids"])]
+    columns = ("student_positions", "teacher_positions", "student_span_tokens", "teacher_span_tokens")
+    return {"input_ids": student["input_ids"], "labels": student["labels"], "teacher_input_ids": teacher["input_ids"],
+            **{column: [pair[index] for pair in pairs] for index, column in enumerate(columns)}}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's: printable bytes as themselves, the others shifted to U+0100 and up, so a
+    space is Ġ and a newline Ċ), from character to byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    characters, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            characters[chr(byte)] = byte
+        else:
+            characters[chr(256 + shifted)] = byte
+            shifted += 1
+    return characters
+
+
+def token_texts(tokenizer) -> list[bytes | None]:
+    """The text each id stands for, as bytes, with a leading-space marker read as a space: byte-level tokens (Ġ, Ċ,
+    ...) through their alphabet, SentencePiece tokens with ▁ as a space and <0xNN> byte-fallback pieces as that byte.
+    Special and added control tokens get b"\\0special:" + their content, which no text token can equal. None for an
+    id the tokenizer does not use."""
+    definition = _backend_json(tokenizer) or {}
+    byte_level = "ByteLevel" in json.dumps(definition.get("decoder")) or "ByteLevel" in json.dumps(definition.get("pre_tokenizer"))
+    alphabet = _byte_level_alphabet()
+    specials = {token["id"] for token in definition.get("added_tokens") or [] if token.get("special")}
+    specials |= set(tokenizer.all_special_ids)
+    texts: list[bytes | None] = []
+    for index, token in enumerate(tokens_by_id(tokenizer, len(tokenizer))):
+        if token is None:
+            texts.append(None)
+        elif index in specials:
+            texts.append(b"\0special:" + token.encode())
+        elif byte_level and all(character in alphabet for character in token):
+            texts.append(bytes(alphabet[character] for character in token))
+        elif _BYTE_FALLBACK.fullmatch(token):
+            texts.append(bytes([int(_BYTE_FALLBACK.fullmatch(token).group(1), 16)]))
+        else:
+            texts.append(token.replace("\u2581", " ").encode())
+    return texts
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of the tokens whose text (`token_texts`) is the same in both vocabularies, paired
+    in order: the exact-match part of the hybrid loss. Built once at start-up. A text that several ids of one
+    vocabulary spell (a SentencePiece byte piece and a plain piece, say) is paired through its first id only, so the
+    pairing is one-to-one. Special tokens pair only with a special token of the same content."""
+    first_teacher_id: dict[bytes, int] = {}
+    for index, text in enumerate(token_texts(teacher_tokenizer)):
+        if text is not None:
+            first_teacher_id.setdefault(text, index)
+    student_ids, teacher_ids, seen = [], [], set()
+    for index, text in enumerate(token_texts(student_tokenizer)):
+        if text is not None and text in first_teacher_id and text not in seen:
+            seen.add(text)
+            student_ids.append(index)
+            teacher_ids.append(first_teacher_id[text])
+    return torch.tensor(student_ids, dtype=torch.long), torch.tensor(teacher_ids, dtype=torch.long)
+
+
+def span_continuations(rows: torch.Tensor, positions: torch.Tensor, span_tokens: torch.Tensor,
+                       input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions that predict the following tokens of merged spans: pair k, whose span of span_tokens[k] tokens
+    is predicted from position positions[k] of row rows[k], owns positions[k] + 1 ... positions[k] + span_tokens[k] - 1,
+    predicting the row's next token at each. Returns (owner pair, row, position, target token) per such position."""
+    extra = (span_tokens - 1).clamp(min=0)
+    owner = torch.repeat_interleave(torch.arange(extra.numel(), device=extra.device), extra)
+    step = torch.arange(owner.numel(), device=extra.device) - (extra.cumsum(0) - extra)[owner] + 1
+    continuation_rows, continuation_positions = rows[owner], positions[owner] + step
+    return owner, continuation_rows, continuation_positions, input_ids[continuation_rows, continuation_positions + 1]

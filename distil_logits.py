@@ -1,5 +1,5 @@
 """Logit distillation: a student learns a teacher's next-token distribution (KL and friends at a temperature),
-mixed with the usual cross-entropy. Teacher and student must share a tokenizer (else use distil_hidden.py).
+mixed with the usual cross-entropy. Teacher and student share a tokenizer, or distillation.cross_tokenizer is set.
 
     python distil_logits.py                                   # one GPU (or the CPU), the inline `config` below
     accelerate launch --multi_gpu --num_processes 8 distil_logits.py   # 8 GPUs, DDP (keep --multi_gpu: README)
@@ -29,8 +29,13 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - On-policy (`on_policy.fraction` > 0, on_policy.py): a sampled micro-batch replaces each row's last answer by the
   student's own completion of the prompt; its loss is KD alone (no ground truth for CE) on the completion tokens,
   with the same N (the step's counted tokens, completions included). Reverse KL at T = 1 is recommended (README).
+- A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
+  i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
+  vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
+  N and CE are as above (losses.cross_tokenizer_divergence; README, "Logit distillation across tokenizers").
 """
 
+import torch
 from trl import SFTTrainer
 
 from common import (
@@ -48,11 +53,13 @@ from common import (
     print_rank0,
     read_spectrum_patterns,
     resolve_resume_checkpoint,
+    return_large_frees_to_the_system,
     run_cli,
     save_finished_run,
     student_optimizer,
 )
-from alignment import shared_vocab_size
+from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
+                       span_continuations, tokenize_row_for_logits)
 from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
     CHATML_TEMPLATE,
@@ -64,12 +71,14 @@ from data import (
     wants_eval,
 )
 from losses import (
+    CROSS_TOKENIZER_METHODS,
     DIVERGENCES,
     add_distillation_forward,
     add_hidden_states_forward,
     check_head_matches_forward,
     final_layer,
     head_transform,
+    sorted_l1_top_k,
     student_loss,
     teacher_hidden_at_counted_positions,
 )
@@ -93,12 +102,13 @@ config = {
     },
     # --- models ---
     "models": {
-        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; must share the student's tokenizer
+        "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; shares the student's tokenizer unless cross_tokenizer
         "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length
         "chat_template": CHATML_TEMPLATE,  # Jinja template used to render conversations (None: the tokenizer's own)
+        "teacher_chat_template": None,  # cross_tokenizer only: the teacher's own template (None: its tokenizer's own)
     },
     "model_config": {
         "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
@@ -112,6 +122,9 @@ config = {
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
+        "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (README)
+        "hybrid_matched_weight": 1.0,  # hybrid: weight of the divergence on the exact-match shared vocabulary
+        "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 on the rest (and at merged spans); measured, README
     },
     "on_policy": {
         "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
@@ -161,9 +174,10 @@ CONFIG_KEYS = {
     "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
                 "system_prompt"),
     "models": ("teacher", "student"),
-    "tokenizer": ("max_length", "chat_template"),
+    "tokenizer": ("max_length", "chat_template", "teacher_chat_template"),
     "model_config": ("use_flash_attention", "student_dtype"),
-    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb"),
+    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb", "cross_tokenizer",
+                     "hybrid_matched_weight", "hybrid_unmatched_weight"),
     "on_policy": ("fraction", "max_new_tokens", "temperature", "top_p"),
     "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
     "spectrum": ("layers_to_unfreeze",),
@@ -187,6 +201,14 @@ def validate(config: dict) -> None:
     for key in ("beta", "skew"):
         if not 0 < distillation[key] < 1:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
+    if distillation["cross_tokenizer"] not in (None, *CROSS_TOKENIZER_METHODS):
+        raise ConfigError(f"distillation.cross_tokenizer must be null, uld or hybrid, got {distillation['cross_tokenizer']!r}.")
+    for key in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
+        if not isinstance(distillation[key], (int, float)) or distillation[key] < 0:
+            raise ConfigError(f"distillation.{key} must be a number >= 0, got {distillation[key]!r}.")
+    if distillation["cross_tokenizer"] and (config["offline"]["mode"] or config["training"].get("packing")):
+        raise ConfigError("distillation.cross_tokenizer needs offline.mode: null and training.packing: false (each row "
+                          "carries the teacher's own tokens and an alignment).")
     offline = config["offline"]
     if offline["mode"] not in (None, "capture", "train"):
         raise ConfigError(f"offline.mode must be null, capture or train, got {offline['mode']!r}.")
@@ -221,10 +243,11 @@ class LogitsTrainer(SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
-                 on_policy: OnPolicySampler | None = None, **kwargs):
+                 on_policy: OnPolicySampler | None = None, cross: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.on_policy = on_policy
         self.distillation = distillation
+        self.cross = cross  # a teacher with another tokenizer: shared_ids and teacher_vocab (main)
         self.vocab_size = vocab_size
         self.capture_readers = capture_readers
         self.teacher = self.teacher_head = None
@@ -247,17 +270,21 @@ class LogitsTrainer(SFTTrainer):
             row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
             check_head_matches_forward(model, self.model, row, "student", mixed_precision)
             if self.teacher is not None:
-                check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
+                teacher_row = inputs["teacher_input_ids"][:1, :16] if self.cross else row
+                check_head_matches_forward(self.teacher, self.teacher_module, teacher_row, "teacher", mixed_precision)
             self.heads_checked = True
         labels, capture_rows = inputs["labels"], inputs.get("capture_row")
         student_inputs = {key: value for key, value in inputs.items()
-                          if key not in ("labels", "capture_row") + NOT_MODEL_INPUTS}
+                          if key not in ("labels", "capture_row") + NOT_MODEL_INPUTS
+                          and not key.startswith(("teacher_", "student_"))}
         student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
             num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
-        teacher_hidden = stored_topk = None
-        if self.teacher is not None:
+        teacher_hidden = stored_topk = cross = None
+        if self.teacher is not None and self.cross:
+            cross = self.cross_tokenizer_inputs(inputs)
+        elif self.teacher is not None:
             teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
                                                                  self.teacher_final_layer)
         elif self.capture_readers is not None:
@@ -268,13 +295,16 @@ class LogitsTrainer(SFTTrainer):
         outputs = student_loss(
             model, student_inputs, labels,
             teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
-            stored_topk=stored_topk,
+            stored_topk=stored_topk, cross_tokenizer=cross,
             kd_weight=kd_weight, ce_weight=ce_weight, num_items_in_batch=num_items_in_batch,
             divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
             beta=distillation["beta"], skew=distillation["skew"], memory_budget_mb=distillation["loss_memory_mb"],
         )
         parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
                      ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
+        if cross is not None:  # share of the student's counted positions that have a teacher position
+            aligned = torch.as_tensor(cross["rows"].numel(), device=labels.device)
+            parts["aligned_share"] = (aligned / batch_tokens.clamp(min=1), batch_tokens, batch_tokens)
         if self.on_policy is not None:  # sampled and dataset batches logged apart; a part with no tokens is not logged
             lengths = inputs[COMPLETION_LENGTHS].float() if sampled else batch_tokens.new_zeros(1).float()
             parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens * (not sampled)),
@@ -287,6 +317,36 @@ class LogitsTrainer(SFTTrainer):
         if mode == "train" and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def cross_tokenizer_inputs(self, inputs: dict) -> dict:
+        """What `chunked_cross_tokenizer_kd` needs for a batch of `tokenize_row_for_logits` rows: the aligned pairs, the
+        following tokens of merged spans on both sides, and the teacher's final hidden states there (backbone only,
+        on its own tokens)."""
+        valid = inputs["student_positions"] >= 0
+        rows = valid.nonzero(as_tuple=True)[0]
+        teacher_positions = inputs["teacher_positions"][valid]
+        with torch.no_grad():
+            teacher_hidden = self.teacher(input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"],
+                                          use_cache=False, hidden_layers=[self.teacher_final_layer])[self.teacher_final_layer]
+        owner, continuation_rows, continuation_positions, targets = span_continuations(
+            rows, inputs["student_positions"][valid], inputs["student_span_tokens"][valid], inputs["input_ids"])
+        teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
+            rows, teacher_positions, inputs["teacher_span_tokens"][valid], inputs["teacher_input_ids"])
+        return {
+            "rows": rows, "positions": inputs["student_positions"][valid],
+            "merged": (inputs["student_span_tokens"][valid] > 1) | (inputs["teacher_span_tokens"][valid] > 1),
+            "continuation_owner": owner, "continuation_rows": continuation_rows,
+            "continuation_positions": continuation_positions, "continuation_targets": targets,
+            "teacher_hidden": teacher_hidden[rows, teacher_positions],
+            "teacher_continuation_hidden": teacher_hidden[teacher_rows, teacher_continuation],
+            "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
+            "teacher_head": self.teacher_head, "teacher_transform": self.teacher_transform,
+            "teacher_vocab": self.cross["teacher_vocab"], "shared_ids": self.cross["shared_ids"],
+            "method": self.distillation["cross_tokenizer"],
+            "top_k": sorted_l1_top_k(self.vocab_size, self.cross["teacher_vocab"]),
+            "matched_weight": self.distillation["hybrid_matched_weight"],
+            "unmatched_weight": self.distillation["hybrid_unmatched_weight"],
+        }
 
     def log(self, logs: dict, start_time=None) -> None:
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
@@ -330,8 +390,15 @@ def main(config: dict) -> LogitsTrainer:
     offline = config["offline"]
     tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
     use_teacher = distillation["alpha"] > 0 and offline["mode"] != "train"
-    vocab_size = len(tokenizer)
-    if use_teacher:
+    vocab_size, cross = len(tokenizer), None
+    if use_teacher and distillation["cross_tokenizer"]:
+        # Any teacher tokenizer: each model renders the rows with its own template, positions are aligned by character.
+        teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"])
+        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer})
+        cross = {"shared_ids": shared_vocabulary(tokenizer, teacher_tokenizer), "teacher_vocab": len(teacher_tokenizer)}
+        print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {cross['shared_ids'][0].numel()} of the "
+                    f"student's {vocab_size} tokens have an exact match among the teacher's {len(teacher_tokenizer)}")
+    elif use_teacher:
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:
@@ -345,13 +412,27 @@ def main(config: dict) -> LogitsTrainer:
             config,
             max_length=config["tokenizer"]["max_length"],
             eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+            remove_unused_columns=cross is None,  # the teacher's tokens and the alignment must reach compute_loss
         )
         check_launch(args, "distil_logits.py")
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if cross and is_deepspeed_zero3_enabled():
+            raise ConfigError("distillation.cross_tokenizer does not run under DeepSpeed ZeRO-3: its checkpointed chunks "
+                              "recompute the output heads in backward, after ZeRO-3 has partitioned them again. Use "
+                              "DDP, ZeRO-1/2 or FSDP.")
     fraction = config["on_policy"]["fraction"]  # before the data: the template's end-of-turn token is checked here
     sampler = OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
                               args.seed) if fraction > 0 else None
-    train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
-                                                      sample_fraction=fraction)
+    if cross:
+        # The chunk loop allocates and frees (chunk, vocabulary) buffers; with glibc's adaptive threshold they are
+        # served from the heap and its high-water mark grows with the pairs per step (measured; README).
+        return_large_frees_to_the_system()
+        train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
+                                                                 config["tokenizer"]["max_length"], tokenize_row_for_logits)
+    else:
+        train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
+                                                          sample_fraction=fraction)
     if fraction > 0 and eval_dataset is not None and len(eval_dataset) == 0:
         print_rank0("warning: no held-out row has an answer to evaluate on (prompt-only data); evaluation is off")
         eval_dataset, args.eval_strategy = None, "no"
@@ -378,10 +459,11 @@ def main(config: dict) -> LogitsTrainer:
     if offline["mode"] == "capture":
         return run_capture(config, teacher, tokenizer, splits, vocab_size)
     student = load_causal_lm(config["models"]["student"], config)
-    for name, model in (("student", student), ("teacher", teacher)):
-        if model is not None and output_vocab_size(model) < vocab_size:
+    for name, model, size in (("student", student, vocab_size),
+                              ("teacher", teacher, cross["teacher_vocab"] if cross else vocab_size)):
+        if model is not None and output_vocab_size(model) < size:
             raise ConfigError(
-                f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {vocab_size} tokens of "
+                f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {size} tokens of "
                 "the tokenizer. Use the tokenizer that was trained with the model."
             )
     if patterns:
@@ -393,13 +475,15 @@ def main(config: dict) -> LogitsTrainer:
         capture_readers=capture_readers,
         distillation=distillation,
         vocab_size=vocab_size,
+        cross=cross,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=student_optimizer(config, args),
-        data_collator=CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
-        PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of) if fraction > 0 else None,
+        data_collator=(CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
+                       PairedCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id) if cross else
+                       PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of) if fraction > 0 else None),
         on_policy=sampler,
     )
     print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")

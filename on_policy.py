@@ -45,6 +45,9 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
                           "offline.mode: null or on_policy.fraction: 0.")
     if config["distillation"]["alpha"] == 0:
         raise ConfigError("on_policy.fraction > 0 needs a teacher (distillation.alpha > 0); alpha 0 is plain SFT.")
+    if config["distillation"]["cross_tokenizer"]:
+        raise ConfigError("on_policy.fraction > 0 needs a teacher that shares the student's tokenizer (it scores the "
+                          "student's own tokens); set distillation.cross_tokenizer: null or on_policy.fraction: 0.")
     if config["training"].get("packing"):
         raise ConfigError("on_policy.fraction > 0 needs training.packing: false (each row's prompt is sampled from).")
     if config["training"].get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":

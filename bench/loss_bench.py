@@ -18,6 +18,8 @@ targets (T,); float32 on the CPU, bf16 on CUDA):
                     forward KL only, no CE, no T^2; recomputes both projections in backward
   floor             only the matrix products of the chunked loss, same chunk size: per chunk the student and teacher
                     logits, then grad_hidden = g @ W and grad_W += g^T @ h with g = the student logits; no softmax
+  cross_uld, cross_hybrid (+ _topk)   only with --variants: distillation.cross_tokenizer's loss (chunked CE plus
+                    losses.chunked_cross_tokenizer_kd, autograd with a checkpoint per chunk) over T aligned 1:1 pairs
 
 Peak memory: CUDA: torch.cuda.max_memory_allocated minus the allocated memory before the step. CPU: peak resident set
 size (VmHWM, reset by writing 5 to /proc/self/clear_refs, or a 1 ms sampling thread where that is not allowed) minus
@@ -79,6 +81,11 @@ COMPUTES = {
     "liger_eager": "0.5 CE + 0.5 KL",
     "trl": "KL (no CE)",
     "floor": "matmuls only",
+    # not in config["variants"] (run with --variants): distillation.cross_tokenizer
+    "cross_uld": "0.5 CE + 0.5 T^2 sorted L1",
+    "cross_uld_topk": "0.5 CE + 0.5 T^2 sorted L1 (top 256)",
+    "cross_hybrid": "0.5 CE + 0.5 T^2 (KL on shared + sorted L1)",
+    "cross_hybrid_topk": "0.5 CE + 0.5 T^2 (KL on shared + sorted L1, top 256)",
 }
 
 
@@ -303,6 +310,34 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
         return run, {"chunk_tokens": chunked_divergence.TOKEN_CHUNK_SIZE,
                      "vocab_chunk": chunked_divergence.VOCAB_CHUNK_SIZE}
 
+    if name.startswith("cross_"):
+        # distillation.cross_tokenizer: the chunked CE (no KD) + losses.chunked_cross_tokenizer_kd over T aligned 1:1
+        # pairs, both vocabularies V; hybrid: the first half of the ids matched exactly. cross_*_topk: the sorted L1 on
+        # the top 256 of each distribution (+ the tails' mass difference) instead of a full sort.
+        method, top_k = name.split("_")[1], 256 if name.endswith("_topk") else None
+        from common import return_large_frees_to_the_system
+
+        return_large_frees_to_the_system()  # as distil_logits.main does for cross_tokenizer
+        empty = torch.zeros(0, dtype=torch.long, device=hs.device)
+        half = torch.arange(vocab // 2, device=hs.device)
+        positions = torch.arange(hs.shape[0], device=hs.device)
+        cross = {"rows": torch.zeros_like(positions), "positions": positions, "merged": torch.zeros_like(positions).bool(),
+                 "continuation_owner": empty, "continuation_rows": empty, "continuation_positions": empty,
+                 "continuation_targets": empty, "teacher_hidden": ht, "teacher_continuation_hidden": ht[:0],
+                 "teacher_continuation_owner": empty, "teacher_continuation_targets": empty,
+                 "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": vocab,
+                 "shared_ids": (half, half), "method": method, "top_k": top_k, "matched_weight": 1.0,
+                 "unmatched_weight": 1.0, "student_transform": (1.0, None)}
+
+        def run():
+            loss, _kd, ce = losses.chunked_distillation_loss(hs, student_head, None, None, targets, 0.0, ce_weight,
+                                                             memory_budget_mb=budget)
+            kd = losses.chunked_cross_tokenizer_kd(hs[None], student_head, cross, temperature, vocab, divergence, 0.5,
+                                                   0.1, budget)
+            return loss + kd_weight * kd * temperature**2 / hs.shape[0]
+
+        return run, {"chunk_tokens": losses.cross_tokenizer_chunk_tokens(vocab, budget)}
+
     if name == "floor":
         floor = floor_function()
         return (lambda: floor.apply(hs, ws, ht, wt, chunk)), {"chunk_tokens": chunk}
@@ -519,6 +554,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", help=f"comma-separated subset of {','.join(config['sizes'])}")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(config['variants'])}")
+    parser.add_argument("--tokens", type=int, help="tokens T of every size (default: per size in config)")
     parser.add_argument("--repeats", type=int, help="timed steps per variant (default: per size in config)")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {config['warmup']})")
     parser.add_argument("--threads", type=int, help="torch threads in each variant's process (default: torch's)")
@@ -560,8 +596,8 @@ def main() -> None:
                                   text=True, check=True).stdout.strip()
         variants.insert(variants.index("chunked") + 1 if "chunked" in variants else 0, f"chunked@{revision}")
         COMPUTES[f"chunked@{revision}"] = COMPUTES["chunked"]
-    for unknown in {v for v in variants if not v.startswith("chunked@")} - set(config["variants"]):
-        raise SystemExit(f"unknown variant '{unknown}'; choose from {', '.join(config['variants'])}")
+    for unknown in {v for v in variants if not v.startswith("chunked@")} - set(config["variants"]) - set(COMPUTES):
+        raise SystemExit(f"unknown variant '{unknown}'; choose from {', '.join(COMPUTES)}")
     os.makedirs(args.output, exist_ok=True)
 
     started, load_before = time.time(), os.getloadavg()
@@ -569,6 +605,8 @@ def main() -> None:
     for size_name, size in sizes.items():
         if args.repeats:
             size["repeats"] = args.repeats
+        if args.tokens:
+            size["tokens"] = args.tokens
         label = f"{size_name}: T={size['tokens']}, Hs={size['student_hidden']}, Ht={size['teacher_hidden']}, V={size['vocab']}"
         names = [name for name in variants if name not in size.get("skip", []) or args.variants]
         rounds = [[run_variant(name, size_name, size, settings) for name in (names if r % 2 == 0 else names[::-1])]

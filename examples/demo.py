@@ -15,7 +15,7 @@ What it does, all offline:
 4. Trains a Llama-style student (another architecture, hidden size and depth) on the same rows and epochs, SFT only
    and with hidden-state distillation (distil_hidden.py, shared tokenizer); then the same pair again with the
    student on a second tokenizer (trained on other rows, another vocabulary size), where hidden states are compared
-   only at aligned character offsets.
+   only at aligned character offsets, and that student with logit KD across tokenizers (uld and hybrid).
 5. Continues the SFT student for a few steps with on-policy reverse KL (the student samples, the teacher scores) and
    as many with off-policy KD on the dataset's answers, and measures both on the student's own samples.
 6. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
@@ -65,6 +65,10 @@ demo = {
     "on_policy": {"steps": 60, "batch": 32, "learning_rate": 1e-3, "max_new_tokens": 16, "eval_prompts": 200,
                   "distillation": {"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0}},
 }
+# Logit KD across tokenizers (distil_logits.py, distillation.cross_tokenizer) for the tokenizer-B student, at the
+# script's defaults (alpha 0.5, T 2, forward KL), evaluated once at the end to keep the demo short. Outside `demo`,
+# whose every key is part of the cached build's identity.
+CROSS_TOKENIZER_ROWS = ("uld", "hybrid")
 
 
 def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int,
@@ -348,6 +352,12 @@ def main() -> None:
     timed(distil_hidden.main)(five_evaluations(run_config(
         "demo-llama-b-hidden", output_dir=os.path.join(OUTPUT, "llama_b_hidden"), script=distil_hidden,
         **demo["hidden"], **b_setup)))
+    for method in CROSS_TOKENIZER_ROWS:
+        print(f"the Llama student on tokenizer B with logit KD across tokenizers ({method})")
+        cross_config = run_config(f"demo-llama-b-{method}", output_dir=os.path.join(OUTPUT, f"llama_b_{method}"),
+                                  cross_tokenizer=method, **b_setup)
+        cross_config["training"]["eval_strategy"] = "no"
+        timed(distil_logits.main)(cross_config)
 
     results = {
         "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),
@@ -362,7 +372,9 @@ def main() -> None:
     # Tokenizer-B students: the negative log-likelihood of the same assistant text, per teacher-tokenizer token.
     _, teacher_tokens = heldout_nats(paths["teacher"], paths["eval"])
     for name, folder in (("Llama student, tokenizer B, SFT *", "llama_b_sft"),
-                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden")):
+                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden"),
+                         *((f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *", f"llama_b_{method}")
+                           for method in CROSS_TOKENIZER_ROWS)):
         results[name] = heldout_nats(os.path.join(OUTPUT, folder), paths["eval"])[0] / teacher_tokens
     print(f"\nheld-out cross-entropy on the assistant tokens of {demo['eval_rows']} rows (lower is better):\n")
     print("| model | eval CE (nats/token) |\n| --- | --- |")
@@ -388,10 +400,12 @@ def main() -> None:
     for label, sft_row, hidden_row in (
         ("Llama student", "Llama student, SFT", "Llama student, hidden-state KD"),
         ("Llama student, tokenizer B", "Llama student, tokenizer B, SFT *", "Llama student, tokenizer B, hidden-state KD *"),
+        *((f"Llama student, tokenizer B, {method}", "Llama student, tokenizer B, SFT *",
+           f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *") for method in CROSS_TOKENIZER_ROWS),
     ):
         gap = results[sft_row] - results[hidden_row]
-        print(f"hidden-state KD minus SFT ({label}): {-gap:+.4f} nats/token "
-              f"({'hidden KD better' if gap > 0 else 'SFT better or equal'})")
+        print(f"{'logit' if 'across' in hidden_row else 'hidden-state'} KD minus SFT ({label}): {-gap:+.4f} nats/token "
+              f"({'KD better' if gap > 0 else 'SFT better or equal'})")
     print_on_policy(on_policy_results)
     students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
     print(f"best student: {min(students, key=students.get)}")

@@ -163,7 +163,7 @@ def mismatched_student(assets, tmp_path):
     (lambda c, a, t: c["dataset"].update(name=str(t / "missing.jsonl")), "does not exist"),
     (lambda c, a, t: c["spectrum"].update(layers_to_unfreeze=str(t / "missing.yaml")), "Spectrum file"),
     (lambda c, a, t: c["training"].update(learning_rat=1e-3), "unknown config key 'training.learning_rat'"),
-    (lambda c, a, t: c["models"].update(student=mismatched_student(a, t)), "Logit distillation needs a shared"),
+    (lambda c, a, t: c["models"].update(student=mismatched_student(a, t)), "Set distillation.cross_tokenizer"),
     (lambda c, a, t: c["tokenizer"].update(max_length=4), "max_length=4"),
 ])
 def test_bad_input_stops_before_writing(assets, tmp_path, change, message):
