@@ -241,8 +241,9 @@ def tokenize_row_pair(
     }
 
 
-def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
-    """A conversation dataset needs a chat template for every tokenizer ({'teacher': ..., 'student': ...})."""
+def check_chat_templates(data_config: dict, tokenizers: dict, template_keys: dict | None = None) -> None:
+    """A conversation dataset needs a chat template for every tokenizer ({'teacher': ..., 'student': ...}).
+    `template_keys` names the config key that sets each one (default tokenizer.<which>_chat_template)."""
     missing = [which for which, tokenizer in tokenizers.items() if not tokenizer.chat_template]
     if not missing:
         return
@@ -250,7 +251,7 @@ def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
     if dataset_format(raw, data_config.get("format")) != "text":
         raise ConfigError(
             f"the {' and '.join(missing)} tokenizer has no chat template to render conversations with. Set "
-            f"tokenizer.{missing[0]}_chat_template (e.g. data.CHATML_TEMPLATE)."
+            f"{(template_keys or {}).get(missing[0], f'tokenizer.{missing[0]}_chat_template')} (e.g. data.CHATML_TEMPLATE)."
         )
 
 
