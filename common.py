@@ -641,7 +641,9 @@ def describe_method(config: dict) -> str:
     source = f", the teacher's top-{config['offline']['top_k']} read from a capture" if offline == "train" else ""
     fraction = (config.get("on_policy") or {}).get("fraction") or 0
     sampled = f"; on {fraction:.0%} of micro-batches KD alone on the student's own samples (on-policy)" if fraction else ""
-    return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{source}{sampled}"
+    cross = distillation.get("cross_tokenizer")
+    across = f", across tokenizers ({cross}: aligned by character offset)" if cross else ""
+    return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{across}{source}{sampled}"
 
 
 def model_card(config: dict, log_history: list[dict] = ()) -> str:
