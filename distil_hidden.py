@@ -21,9 +21,13 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
   models' hidden states after those blocks at aligned position k; P_l is the pair's trained linear projection from
   the student's hidden size to the teacher's.
 - d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
-  cosine = 1 - cosine similarity.
+  cosine = 1 - cosine similarity. With `teacher_norm: rms` (default) each teacher state is first divided by its
+  root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale.
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
-  positions where both tokenizations end a token at the same character of a trained span (alignment.py).
+  positions where both tokenizations end a token at the same character of a trained span (alignment.py), and, with
+  `positions: same_next_token` (default), whose next token also ends at the same character after the same text on
+  both sides: the two states then predict the same piece of text (not " pan" against " pancakes", nor two
+  templates' different end-of-turn markers).
 - M is the number of aligned positions in the whole optimizer step (all micro-batches and processes).
 - CE and KD are those of distil_logits.py (KD only with a shared tokenizer), normalised by the step's counted tokens.
 """
@@ -54,6 +58,7 @@ from common import (
 from alignment import same_next_token, same_tokenization
 from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
+    CHATML_TEMPLATE,
     check_dataset_path,
     check_eval_size,
     next_token_mask,
@@ -104,7 +109,7 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "student_chat_template": None,  # Jinja template for the student's rendering (None: its tokenizer's own)
+        "student_chat_template": CHATML_TEMPLATE,  # the student's rendering; as distil_logits.py's chat_template (None: its tokenizer's own)
         "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
     },
     "model_config": {

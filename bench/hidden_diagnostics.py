@@ -106,7 +106,9 @@ class DiagnosedTrainer(distil_hidden.HiddenStatesTrainer):
     teacher_name = None
 
     def train(self, *args, **kwargs):
-        print("DIAG alignment:", {k: round(v, 3) for k, v in alignment_report(self, self.teacher_name).items()}, flush=True)
+        if not self.shared_tokenizer:
+            print("DIAG alignment:", {k: round(v, 3) for k, v in alignment_report(self, self.teacher_name).items()},
+                  flush=True)
         print("DIAG teacher scale:", {k: round(v, 3) for k, v in teacher_scale_report(self).items()}, flush=True)
         print("DIAG gradients at init:", {k: round(v, 4) for k, v in gradient_report(self).items()}, flush=True)
         result = super().train(*args, **kwargs)

@@ -290,6 +290,15 @@ def test_rms_teacher_norm_matches_the_formula_and_is_scale_free():
         hidden_state_loss(student, teacher, "mse", teacher_norm="layer")
 
 
+def test_student_renders_as_in_distil_logits_by_default():
+    """The two scripts train the same student on the same rendering unless told otherwise: with a student whose
+    tokenizer has its own template, distil_logits.py (chat_template ChatML) and distil_hidden.py used to train on
+    different texts, and their held-out CEs (per token of different renderings) were compared as if alike."""
+    import distil_logits
+
+    assert distil_hidden.config["tokenizer"]["student_chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
+
+
 def test_teacher_returns_only_the_mapped_hidden_states(assets):
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
     add_hidden_states_forward(teacher)
