@@ -3,7 +3,8 @@ below plain SFT when the student has its own tokenizer and chat template?
 
     python bench/cross_tokenizer_hidden.py                       # SFT vs hidden KD (defaults), seeds 0 and 1
     python bench/cross_tokenizer_hidden.py --diagnose            # + alignment and loss-scale measurements
-    python bench/cross_tokenizer_hidden.py --variants sft hidden hidden:alpha=0.5,normalise=none  # config overrides
+    python bench/cross_tokenizer_hidden.py --variants sft hidden hidden:positions=aligned,teacher_norm=none
+    python bench/cross_tokenizer_hidden.py --variants sft:template=own hidden:template=own  # the student's own template
 
 The task: short deterministic replies (spell a word backwards, add two numbers, the day or month after another, a
 plural, count letters) with a few phrasings each, some system turns and some two-exchange rows.
@@ -245,11 +246,18 @@ def main() -> None:
             start = time.time()
             label = variant.replace(":", "-").replace(",", "-").replace("=", "")
             same = name.endswith("_same")
+            # template=own: the student renders with its own (Llama-3-style) template; chatml: with ChatML (both
+            # scripts' default); unset: the script's default.
+            template = {"own": None, "chatml": CHATML_TEMPLATE}.get(overrides.pop("template", "default"), "default")
             if name.startswith("sft"):
-                config = student_config(paths, label, seed, distil_logits, same, alpha=0.0)
+                config = student_config(paths, label, seed, distil_logits, same, alpha=0.0, **overrides)
+                if template != "default":
+                    config["tokenizer"]["chat_template"] = template
                 trainer = distil_logits.main(config)
             else:
                 config = student_config(paths, label, seed, distil_hidden, same, **overrides)
+                if template != "default":
+                    config["tokenizer"]["student_chat_template"] = template
                 if args.diagnose:
                     import hidden_diagnostics
                     trainer = hidden_diagnostics.run_with_diagnostics(config)
