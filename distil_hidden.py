@@ -24,9 +24,9 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
   cosine = 1 - cosine similarity. With `teacher_norm: rms` (default) each teacher state is first divided by its
   root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale.
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
-  positions where both tokenizations end a token at the same character of a trained span (alignment.py), and, with
-  `positions: same_next_token` (default), whose next token also ends at the same character after the same text on
-  both sides: the two states then predict the same piece of text (not " pan" against " pancakes", nor two
+  positions where both tokenizations end a token at the same character of a trained span (alignment.py); with
+  `positions: same_next_token`, only those whose next token also ends at the same character after the same text on
+  both sides (the two states then predict the same piece of text: not " pan" against " pancakes", nor two
   templates' different end-of-turn markers).
 - M is the number of aligned positions in the whole optimizer step (all micro-batches and processes).
 - CE and KD are those of distil_logits.py (KD only with a shared tokenizer), normalised by the step's counted tokens.
@@ -109,7 +109,7 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "student_chat_template": CHATML_TEMPLATE,  # the student's rendering; as distil_logits.py's chat_template (None: its tokenizer's own)
+        "student_chat_template": CHATML_TEMPLATE,  # student's template, as distil_logits.py (None: its tokenizer's own)
         "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
     },
     "model_config": {
@@ -121,7 +121,7 @@ config = {
         "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
         "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
         "teacher_norm": "rms",  # rms: teacher states divided by their RMS unit (mse ~1 at init, any model) | none: raw
-        "positions": "same_next_token",  # two tokenizers: same_next_token (pairs whose next token is the same text) | aligned (all)
+        "positions": "aligned",  # two tokenizers: aligned (every pair) | same_next_token (next token the same text)
         "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
         "kd_weight": 0.0,  # weight of a logit-KD term; needs a shared tokenizer and chat template; 0 turns it off
         "temperature": 2.0,  # logit-KD term only: softens both distributions; the divergence is multiplied by T^2
