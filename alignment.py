@@ -193,6 +193,20 @@ def align_tokenizations(
     return pairs
 
 
+def same_next_token(rows: torch.Tensor, student_positions: torch.Tensor, teacher_positions: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over aligned pairs (row, s, t) of a batch: True where (row, s + 1, t + 1) is aligned too, i.e. the
+    next token on both sides ends at the same character after the same text. Such a pair predicts the same piece of
+    text on both sides; the others predict a longer or shorter piece on one side (" pancakes" against " pan"), or two
+    templates' different end-of-turn markers (the text after the last aligned offset differs). With one tokenizer
+    and one template every pair but each span's last (whose next token ends the span, where no pair starts) is kept.
+    """
+    if rows.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=rows.device)
+    width = int(max(student_positions.max(), teacher_positions.max())) + 2
+    keys = (rows * width + student_positions) * width + teacher_positions
+    return torch.isin((rows * width + student_positions + 1) * width + teacher_positions + 1, keys)
+
+
 def rendered_offsets(row: dict, tokenizer, data_format: str, system_prompt: str | None = None):
     """(text, trained character spans, token offsets) of one row, tokenized exactly as `tokenize_row` does (same text,
     same special tokens; `tokenize_row` then appends EOS to text rows and truncates)."""

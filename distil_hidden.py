@@ -21,9 +21,13 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
   models' hidden states after those blocks at aligned position k; P_l is the pair's trained linear projection from
   the student's hidden size to the teacher's.
 - d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
-  cosine = 1 - cosine similarity.
+  cosine = 1 - cosine similarity. With `teacher_norm: rms` (default) each teacher state is first divided by its
+  root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale.
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
-  positions where both tokenizations end a token at the same character of a trained span (alignment.py).
+  positions where both tokenizations end a token at the same character of a trained span (alignment.py); with
+  `positions: same_next_token`, only those whose next token also ends at the same character after the same text on
+  both sides (the two states then predict the same piece of text: not " pan" against " pancakes", nor two
+  templates' different end-of-turn markers).
 - M is the number of aligned positions in the whole optimizer step (all micro-batches and processes).
 - CE and KD are those of distil_logits.py (KD only with a shared tokenizer), normalised by the step's counted tokens.
 """
@@ -51,9 +55,10 @@ from common import (
     save_finished_run,
     student_optimizer,
 )
-from alignment import same_tokenization
+from alignment import same_next_token, same_tokenization
 from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
 from data import (
+    CHATML_TEMPLATE,
     check_dataset_path,
     check_eval_size,
     next_token_mask,
@@ -64,6 +69,7 @@ from data import (
 from losses import (
     DIVERGENCES,
     HIDDEN_LOSSES,
+    TEACHER_NORMS,
     add_distillation_forward,
     add_hidden_states_forward,
     check_head_matches_forward,
@@ -103,7 +109,7 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "student_chat_template": None,  # Jinja template for the student's rendering (None: its tokenizer's own)
+        "student_chat_template": CHATML_TEMPLATE,  # student's template, as distil_logits.py (None: its tokenizer's own)
         "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
     },
     "model_config": {
@@ -114,6 +120,8 @@ config = {
     "distillation": {
         "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
         "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
+        "teacher_norm": "rms",  # rms: teacher states divided by their RMS unit (mse ~1 at init, any model) | none: raw
+        "positions": "aligned",  # two tokenizers: aligned (every pair) | same_next_token (next token the same text)
         "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
         "kd_weight": 0.0,  # weight of a logit-KD term; needs a shared tokenizer and chat template; 0 turns it off
         "temperature": 2.0,  # logit-KD term only: softens both distributions; the divergence is multiplied by T^2
@@ -148,6 +156,7 @@ config = {
 }
 
 PROJECTIONS_ATTRIBUTE = "hidden_projections"  # the student's submodule holding the projections during training
+HIDDEN_POSITIONS = ("same_next_token", "aligned")  # distillation.positions
 PAIRED_KEYS = ("teacher_input_ids", "teacher_attention_mask", "student_positions", "teacher_positions")
 
 
@@ -160,10 +169,22 @@ CONFIG_KEYS = {
     "models": ("teacher", "student"),
     "tokenizer": ("max_length", "student_chat_template", "teacher_chat_template"),
     "model_config": ("use_flash_attention", "student_dtype"),
-    "distillation": ("layer_map", "loss", "alpha", "kd_weight", "temperature", "divergence", "loss_memory_mb"),
+    "distillation": ("layer_map", "loss", "teacher_norm", "positions", "alpha", "kd_weight", "temperature", "divergence",
+                     "loss_memory_mb"),
     "spectrum": ("layers_to_unfreeze",),
     "training": ("output_dir",),
 }
+
+
+def same_next_token_count(dataset) -> int:
+    """How many of a paired dataset's aligned pairs distillation.positions = same_next_token keeps."""
+    kept = 0
+    for batch in dataset.select_columns(["student_positions", "teacher_positions"]).iter(batch_size=1000):
+        for student_positions, teacher_positions in zip(batch["student_positions"], batch["teacher_positions"]):
+            student_positions = torch.tensor(student_positions, dtype=torch.long)
+            teacher_positions = torch.tensor(teacher_positions, dtype=torch.long)
+            kept += int(same_next_token(torch.zeros_like(student_positions), student_positions, teacher_positions).sum())
+    return kept
 
 
 def validate(config: dict) -> None:
@@ -178,6 +199,12 @@ def validate(config: dict) -> None:
         raise ConfigError(f"distillation.kd_weight must be >= 0, got {distillation['kd_weight']} (0 turns the logit term off).")
     if distillation["loss"] not in HIDDEN_LOSSES:
         raise ConfigError(f"unknown hidden-state loss '{distillation['loss']}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
+    if distillation["teacher_norm"] not in TEACHER_NORMS:
+        raise ConfigError(f"unknown distillation.teacher_norm '{distillation['teacher_norm']}'; choose one of "
+                          f"{', '.join(TEACHER_NORMS)}.")
+    if distillation["positions"] not in HIDDEN_POSITIONS:
+        raise ConfigError(f"unknown distillation.positions '{distillation['positions']}'; choose one of "
+                          f"{', '.join(HIDDEN_POSITIONS)}.")
     if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
         raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
     if distillation["divergence"] not in DIVERGENCES:
@@ -237,7 +264,12 @@ class HiddenStatesTrainer(SFTTrainer):
         shared tokenizer, every position whose next token is trained (the positions the CE loss counts)."""
         if "student_positions" in inputs:
             valid = inputs["student_positions"] >= 0
-            return valid.nonzero(as_tuple=True)[0], inputs["student_positions"][valid], inputs["teacher_positions"][valid]
+            rows, student_positions = valid.nonzero(as_tuple=True)[0], inputs["student_positions"][valid]
+            teacher_positions = inputs["teacher_positions"][valid]
+            if self.distillation["positions"] == "same_next_token":
+                keep = same_next_token(rows, student_positions, teacher_positions)
+                rows, student_positions, teacher_positions = rows[keep], student_positions[keep], teacher_positions[keep]
+            return rows, student_positions, teacher_positions
         rows, positions = next_token_mask(inputs["labels"]).nonzero(as_tuple=True)
         return rows, positions, positions
 
@@ -298,7 +330,7 @@ class HiddenStatesTrainer(SFTTrainer):
             hidden_loss = hidden_state_loss(
                 outputs["projected_hidden"],
                 [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
-                loss=distillation["loss"], num_positions=aligned_in_step,
+                loss=distillation["loss"], num_positions=aligned_in_step, teacher_norm=distillation["teacher_norm"],
             )
         del teacher_hidden
         # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
@@ -411,7 +443,16 @@ def main(config: dict) -> HiddenStatesTrainer:
         train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, max_length)
     else:
         print_rank0("tokenizers or chat templates differ; hidden states compared at aligned character offsets")
-        train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, tokenizers["teacher"], max_length)
+        train_dataset, eval_dataset, stats = prepare_paired_datasets(config["dataset"], tokenizer, tokenizers["teacher"],
+                                                                     max_length)
+        if distillation["positions"] == "same_next_token" and layer_pairs:
+            kept = same_next_token_count(train_dataset)
+            print_rank0(f"positions same_next_token: {kept} of the {stats['aligned_positions']} aligned positions "
+                        f"predict the same next token on both sides ({100 * kept / max(stats['trained_tokens'], 1):.0f}% "
+                        "of the student's predicting positions); hidden states are compared there")
+            if kept == 0:
+                raise ConfigError("no aligned position predicts the same next token on both sides, so the hidden "
+                                  "loss would compare nothing. Set distillation.positions: aligned.")
 
     student = load_causal_lm(models["student"], config)
     before = peak_memory_mib()

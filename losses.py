@@ -23,6 +23,7 @@ from projections import projection_key
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 HIDDEN_LOSSES = ("mse", "cosine")
+TEACHER_NORMS = ("rms", "none")  # hidden_state_loss: what the teacher's states are divided by before the loss
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference formulas
@@ -165,6 +166,7 @@ def hidden_state_loss(
     teacher_hidden: list[torch.Tensor],
     loss: str = "mse",
     num_positions: int | torch.Tensor | None = None,
+    teacher_norm: str = "none",
 ) -> torch.Tensor:
     """Hidden-state loss over L mapped layer pairs and the aligned positions:
 
@@ -174,10 +176,18 @@ def hidden_state_loss(
     shape (n, d_t); teacher_hidden[l]: the teacher's states of pair l at the same positions, (n, d_t). d is the mean
     over the d_t units of the squared difference (mse), or 1 - cosine similarity (cosine). N is `num_positions` (the
     aligned positions of the whole optimizer step) or, when None, n. Computed in float32.
+
+    teacher_norm "rms" divides each teacher state by its root mean square unit first, t / sqrt(mean_j t_j^2 + 1e-6):
+    the mse is then scale-free (1 for a student that outputs zeros, whatever the teacher's layer or model size), so
+    it neither dwarfs nor vanishes against the CE. "none" compares the raw states. Cosine ignores it (scale-free).
     """
+    if teacher_norm not in TEACHER_NORMS:
+        raise ConfigError(f"unknown teacher_norm '{teacher_norm}'; choose one of {', '.join(TEACHER_NORMS)}.")
     total = student_projected[0].new_zeros((), dtype=torch.float32)
     for projected, target in zip(student_projected, teacher_hidden):
         projected, target = projected.float(), target.to(projected.device).float()
+        if teacher_norm == "rms":
+            target = target * torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + 1e-6)
         if loss == "mse":
             total = total + (projected - target).pow(2).mean(-1).sum()
         elif loss == "cosine":

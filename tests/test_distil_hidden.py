@@ -19,11 +19,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_hidden
-from alignment import PairedCollator, align_tokenizations, token_boundaries, tokenize_row_pair
+from alignment import PairedCollator, align_tokenizations, same_next_token, token_boundaries, tokenize_row_pair
 from common import ConfigError
 from data import CHATML_TEMPLATE, tokenize_row
 from losses import add_hidden_states_forward, hidden_state_loss
 from projections import build_projections, load_projections, resolve_layer_map, uniform_layer_map
+
+
+# A Llama-3-style template (bench/cross_tokenizer_hidden.py's), for a student whose template differs from ChatML.
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,6 +147,50 @@ def test_alignment_two_templates_two_tokenizers():
     assert pairs == [(2, 3), (3, 5), (4, 7), (5, 8)]
 
 
+def test_same_next_token_keeps_pairs_that_predict_the_same_text():
+    """The two-template example above: of its pairs, only the one before "." predicts the same token on both sides.
+    Before "Hat" the teacher predicts "H", before " rhymes" it predicts " rhy", and before the end-of-turn marker the
+    two templates predict different markers (<|im_end|> vs <|eot_id|>): none of those is followed by another pair."""
+    pairs = torch.tensor([(2, 3), (3, 5), (4, 7), (5, 8)])
+    rows = torch.zeros(4, dtype=torch.long)
+    assert same_next_token(rows, pairs[:, 0], pairs[:, 1]).tolist() == [False, False, True, False]
+    # Rows are kept apart: the same pair in row 1 without its successor in row 1 is dropped.
+    rows = torch.tensor([0, 0, 1])
+    assert same_next_token(rows, torch.tensor([4, 5, 4]), torch.tensor([7, 8, 7])).tolist() == [True, False, False]
+    assert same_next_token(rows[:0], rows[:0], rows[:0]).tolist() == []
+
+
+def test_same_next_token_with_one_tokenizer_drops_only_each_spans_last_pair(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    row = CONVERSATIONS[1]  # two assistant turns
+    paired = tokenize_row_pair(row, tokenizer, tokenizer, "sharegpt", 128)
+    positions = torch.tensor(paired["student_positions"])
+    kept = same_next_token(torch.zeros_like(positions), positions, positions)
+    labels = paired["labels"]
+    # The last pair of a span predicts its end-of-turn token: the position after it predicts nothing trained.
+    span_last = [i for i, p in enumerate(paired["student_positions"]) if p + 2 >= len(labels) or labels[p + 2] == -100]
+    assert len(span_last) == 2
+    assert [i for i, keep in enumerate(kept.tolist()) if not keep] == span_last
+
+
+def test_same_next_token_on_real_tokenizers_compares_tokens_with_the_same_text(assets, hidden_assets):
+    """Two real tokenizations: every kept pair's next tokens decode to the same text, and every dropped pair's differ."""
+    student = AutoTokenizer.from_pretrained(hidden_assets["student_b"])
+    teacher = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    student.chat_template = LLAMA3_TEMPLATE  # two templates as well as two tokenizers
+    kept_pairs = dropped_pairs = 0
+    for row in CONVERSATIONS[:3]:  # ASCII text: no byte piece of a character decodes to the same "\ufffd" on both sides
+        paired = tokenize_row_pair(row, student, teacher, "sharegpt", 128)
+        s, t = torch.tensor(paired["student_positions"]), torch.tensor(paired["teacher_positions"])
+        kept = same_next_token(torch.zeros_like(s), s, t)
+        for student_position, teacher_position, keep in zip(s.tolist(), t.tolist(), kept.tolist()):
+            same = (student.decode(paired["input_ids"][student_position + 1])
+                    == teacher.decode(paired["teacher_input_ids"][teacher_position + 1]))
+            assert keep == same, (row, student_position, teacher_position)
+            kept_pairs, dropped_pairs = kept_pairs + keep, dropped_pairs + (not keep)
+    assert kept_pairs >= 5 and dropped_pairs >= 5  # both cases occur with these tokenizers
+
+
 def test_alignment_without_common_boundary_inside_the_span():
     text = "Q:\nabcd"
     span = [(3, 7)]
@@ -216,6 +268,35 @@ def test_hidden_state_loss_matches_the_formula():
     torch.testing.assert_close(hidden_state_loss(student, teacher, "cosine"), cosine / (5 * 2))
     # Normalised by the optimizer step's positions (here 20), not this batch's 5.
     torch.testing.assert_close(hidden_state_loss(student, teacher, "mse", num_positions=20), mse / 4)
+
+
+def test_rms_teacher_norm_matches_the_formula_and_is_scale_free():
+    torch.manual_seed(0)
+    student = [torch.randn(5, 8), torch.randn(5, 8)]
+    teacher = [30 * torch.randn(5, 8), 0.1 * torch.randn(5, 8)]  # layers of very different scales, as in real models
+    normed = [t / t.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for t in teacher]
+    mse = sum(((s - t) ** 2).mean(-1).sum() for s, t in zip(student, normed)) / (5 * 2)
+    torch.testing.assert_close(hidden_state_loss(student, teacher, "mse", teacher_norm="rms"), mse)
+    # A student that outputs zeros scores 1 on every layer, whatever the teacher's scale (up to the 1e-6 in the
+    # root, relative 1e-6 / mean square <= 1e-3 here, and float32 rounding).
+    zeros = [torch.zeros(5, 8), torch.zeros(5, 8)]
+    torch.testing.assert_close(hidden_state_loss(zeros, teacher, "mse", teacher_norm="rms"), torch.tensor(1.0),
+                               rtol=2e-3, atol=0)
+    # Scaling the teacher by any factor leaves the loss unchanged (same tolerance reason).
+    scaled = [1000 * t for t in teacher]
+    torch.testing.assert_close(hidden_state_loss(student, scaled, "mse", teacher_norm="rms"),
+                               hidden_state_loss(student, teacher, "mse", teacher_norm="rms"), rtol=2e-3, atol=0)
+    with pytest.raises(ConfigError, match="unknown teacher_norm"):
+        hidden_state_loss(student, teacher, "mse", teacher_norm="layer")
+
+
+def test_student_renders_as_in_distil_logits_by_default():
+    """The two scripts train the same student on the same rendering unless told otherwise: with a student whose
+    tokenizer has its own template, distil_logits.py (chat_template ChatML) and distil_hidden.py used to train on
+    different texts, and their held-out CEs (per token of different renderings) were compared as if alike."""
+    import distil_logits
+
+    assert distil_hidden.config["tokenizer"]["student_chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
 
 
 def test_teacher_returns_only_the_mapped_hidden_states(assets):
@@ -418,6 +499,8 @@ LONG_PREAMBLE = "<|im_start|>system\n" + "Think step by step before you answer. 
     (lambda c, h, t: c["distillation"].update(layer_map=[[1, 5]]), "names teacher layer 5, but the teacher has 3"),
     (lambda c, h, t: c["distillation"].update(layer_map=[[3, 1]]), "names student layer 3, but the student has 2"),
     (lambda c, h, t: c["distillation"].update(loss="l1"), "unknown hidden-state loss 'l1'"),
+    (lambda c, h, t: c["distillation"].update(teacher_norm="layer"), "unknown distillation.teacher_norm 'layer'"),
+    (lambda c, h, t: c["distillation"].update(positions="all"), "unknown distillation.positions 'all'"),
     (lambda c, h, t: c["distillation"].update(kd_weight=0.5), "kd_weight > 0 needs teacher and student to share"),
     (lambda c, h, t: c["models"].update(teacher=teacher_without_offsets(h, t)), "not a fast tokenizer"),
     (lambda c, h, t: c["tokenizer"].update(teacher_chat_template=LONG_PREAMBLE), "leaves no position to compare"),
