@@ -22,7 +22,6 @@ Everything is cached under bench/output/xtok_hidden (delete it to rebuild).
 """
 
 import argparse
-import copy
 import json
 import os
 import random

@@ -10,7 +10,6 @@ bench/.cross_cache) trains on 4000 rows; every student on the same `--rows` rows
 """
 
 import argparse
-import copy
 import functools
 import json
 import os

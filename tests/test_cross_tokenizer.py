@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import CONVERSATIONS, _tiny_model, tiny_config
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import distil_logits
 from alignment import align_next_tokens, shared_vocabulary, span_continuations, token_texts
@@ -107,7 +107,7 @@ def test_chunked_path_equals_the_full_logit_reference(method):
     """Merged spans on both sides, chunks of 16 pairs over 40 pairs: value and gradients of the hidden states and the
     head equal those of the reference built from full logits (up to float32 rounding)."""
     generator = torch.Generator().manual_seed(3)
-    hidden, teacher_hidden = torch.randn(2, 30, 8, generator=generator, dtype=torch.float64), None
+    hidden = torch.randn(2, 30, 8, generator=generator, dtype=torch.float64)
     student_head = Head(torch.randn(13, 8, generator=generator, dtype=torch.float64))
     teacher_head = Head(torch.randn(17, 6, generator=generator, dtype=torch.float64).requires_grad_(False))
     teacher_states = torch.randn(2, 30, 6, generator=generator, dtype=torch.float64)
