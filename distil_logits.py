@@ -413,7 +413,6 @@ def main(config: dict) -> LogitsTrainer:
             config,
             max_length=config["tokenizer"]["max_length"],
             eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
-            remove_unused_columns=cross is None,  # the teacher's tokens and the alignment must reach compute_loss
         )
         check_launch(args, "distil_logits.py")
         from transformers.integrations import is_deepspeed_zero3_enabled
