@@ -266,12 +266,12 @@ def tokenization_processes(rows: int) -> int | None:
 
 
 def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_length: int, description: str = "Tokenizing",
-                     sample_fraction: float = 0.0):
+                     keep_unanswered: bool = False):
     """Map `tokenize` over every row, then drop (and count) rows left with no counted position, with a warning that
     says why and names the first few (by SOURCE_ROW when `raw` has it). Returns (dataset, dropped).
 
-    On-policy (`sample_fraction` > 0, rows carry `prompt_ids`): at fraction 1 every batch samples, so a row needs no
-    answer (prompt-only datasets); below 1 the same rows are kept as without sampling.
+    `keep_unanswered` (on-policy distillation at fraction 1, rows carry `prompt_ids`): every batch samples its
+    answers, so a row with no answer (a prompt-only dataset) is kept, all its labels -100.
 
     Batched `datasets.map` and `filter`: the rows stream through Arrow files in the datasets cache a thousand at a
     time, never a whole column in Python, and a second run (or another process) with the same data, tokenizer and
@@ -289,9 +289,8 @@ def tokenize_dataset(raw, name: str, tokenize: Callable[[dict], dict], max_lengt
         # conversation without an assistant turn), 0: truncated before any trained token.
         columns_out["counted_positions"] = [counted_positions(row["labels"]) if row["labels"] else -1
                                             for row in tokenized]
-        if sample_fraction == 1:  # every row is sampled from: its prompt is what counts
+        if keep_unanswered:  # every row is sampled from: its prompt is what counts
             columns_out["counted_positions"] = [1] * len(tokenized)
-        if sample_fraction > 0:
             columns_out["labels"] = [row["labels"] or [-100] * len(row["input_ids"]) for row in tokenized]
         columns_out[SOURCE_ROW] = batch[SOURCE_ROW] if SOURCE_ROW in batch else [-1] * len(rows)
         return columns_out
@@ -348,9 +347,9 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
         def tokenize(row: dict, data_format: str) -> dict:
             return tokenize_row(row, tokenizer, data_format, max_length, system_prompt, with_prompt=sample_fraction > 0)
 
-    def tokenize_all(raw, dataset_name: str, data_format: str, fraction: float = sample_fraction):
+    def tokenize_all(raw, dataset_name: str, data_format: str, keep_unanswered: bool = sample_fraction == 1):
         return tokenize_dataset(raw, dataset_name, lambda row: tokenize(row, data_format), max_length, description,
-                                fraction)
+                                keep_unanswered)
 
     from accelerate import PartialState
 
@@ -366,7 +365,7 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
         if data_config.get("eval_name"):
             raw_eval = with_source_rows(load_raw_dataset(data_config["eval_name"], data_config.get("eval_split", "train")))
             evaluation, _ = tokenize_all(raw_eval, data_config["eval_name"], dataset_format(raw_eval, data_config.get("format")),
-                                         min(sample_fraction, 0.5))  # answers needed: eval scores them
+                                         keep_unanswered=False)  # eval scores the dataset's answers
         else:
             eval_size = data_config.get("eval_size") or 0
             if eval_size == "auto":  # 10% of the rows (as the reference DistillKit setup), at most 500, at least 1

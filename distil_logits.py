@@ -248,6 +248,9 @@ class LogitsTrainer(SFTTrainer):
         self.on_policy = on_policy
         self.distillation = distillation
         self.cross = cross  # a teacher with another tokenizer: shared_ids and teacher_vocab (main)
+        if cross is not None:  # on the device once, not copied there at every chunk of every step
+            device = self.accelerator.device
+            self.cross = {**cross, "shared_ids": tuple(ids.to(device) for ids in cross["shared_ids"])}
         self.vocab_size = vocab_size
         self.capture_readers = capture_readers
         self.teacher = self.teacher_head = None

@@ -265,8 +265,7 @@ def cross_tokenizer_divergence(
         return sorted_l1(p, q, top_k)
     if method != "hybrid":
         raise ConfigError(f"unknown distillation.cross_tokenizer '{method}'; choose null, {' or '.join(CROSS_TOKENIZER_METHODS)}.")
-    student_ids, teacher_ids = shared_ids
-    student_ids, teacher_ids = student_ids.to(p.device), teacher_ids.to(p.device)
+    student_ids, teacher_ids = (ids.to(p.device) for ids in shared_ids)  # a no-op for the trainer's (on the device)
     matched = torch.zeros_like(p[:, 0])
     if student_ids.numel():
         matched = token_divergence(torch.log_softmax(student_log_probs[:, student_ids], -1),
