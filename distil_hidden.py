@@ -126,7 +126,7 @@ config = {
         "kd_weight": 0.0,  # weight of a logit-KD term; needs a shared tokenizer and chat template; 0 turns it off
         "temperature": 2.0,  # logit-KD term only: softens both distributions; the divergence is multiplied by T^2
         "divergence": "forward_kl",  # logit-KD term only: forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | ...
-        "loss_memory_mb": 1024,  # memory for the chunked CE/KD loss's temporaries; sets its tokens per chunk
+        "loss_memory_mb": 1024,  # MB per GPU for the CE/KD loss's logit chunks and temporaries; lower it if it runs out of memory
     },
     "spectrum": {
         "layers_to_unfreeze": None,  # Spectrum YAML (unfrozen_parameters: [regex, ...]); None trains everything

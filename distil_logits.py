@@ -121,7 +121,7 @@ config = {
         "divergence": "forward_kl",  # forward_kl | reverse_kl | jsd | tvd | skew_forward_kl | skew_reverse_kl
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
-        "loss_memory_mb": 1024,  # memory for the chunked loss's temporaries per chunk; sets the tokens per chunk
+        "loss_memory_mb": 1024,  # MB per GPU for the loss's logit chunks and temporaries; lower it if the loss runs out of memory
         "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (README)
         "hybrid_matched_weight": 1.0,  # hybrid: weight of the divergence on the exact-match shared vocabulary
         "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 on the rest (and at merged spans); measured, README

@@ -7,11 +7,13 @@
    before the data is tokenized or a model is loaded; the same suggestion for a YAML override;
 5. eval_size "auto" (10% of the rows, at least 1, at most 500) and a warmup_steps override that replaces the dict's warmup_ratio;
 6. dropped rows are warned about with their count, reason and file rows; a bad row's error names the file and row;
-7. the README's override file, DDP command and offline capture config work as written;
+7. the override file, DDP commands, offline capture config and every other YAML block of README.md and docs/*.md
+   work as written;
 8. the flash-attention and DeepSpeed accelerator lines are printed once or not at all on the CPU (the model card is
    checked in test_distil_logits.py's end-to-end test).
 Item 4 (setup.sh on a stock Python) is tests/test_setup.py."""
 
+import glob
 import json
 import os
 import re
@@ -289,13 +291,27 @@ def test_unknown_role_names_the_file_and_the_row(assets, tmp_path):
         prepare_datasets({"name": name, "seed": 1, "eval_size": 0}, loaded(assets["tokenizer"]), 512)
 
 
-# --- 7. the README's examples -----------------------------------------------------------------------------------------
+# --- 7. the README's examples (README.md and docs/*.md) ------------------------------------------------------------
 
 
-def readme_section(title: str) -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    start = text.index(f"## {title}")
-    return text[start:text.index("\n## ", start + 1)]
+def documents() -> dict[str, str]:
+    """README.md and every docs/*.md, by path relative to the repository root."""
+    paths = ["README.md"] + sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    return {path: open(os.path.join(ROOT, path), encoding="utf-8").read() for path in paths}
+
+
+def doc_section(title: str) -> str:
+    """The section of README.md or docs/*.md under the heading that starts with `title` (any level), up to the next
+    heading of the same or a higher level. Exactly one heading may match, so a moved section is still found."""
+    found = []
+    for path, text in documents().items():
+        # Headings are searched in a copy whose code blocks are blanked (a YAML comment is not a heading).
+        masked = re.sub(r"```.*?```", lambda block: re.sub(r"[^\n]", " ", block.group()), text, flags=re.S)
+        for match in re.finditer(rf"(?m)^(#+) {re.escape(title)}", masked):
+            following = re.search(rf"(?m)^#{{1,{len(match.group(1))}}} ", masked[match.end():])
+            found.append((path, text[match.start(): match.end() + following.start() if following else len(text)]))
+    assert len(found) == 1, f"expected one heading '{title}' in README.md and docs/, found {[p for p, _ in found]}"
+    return found[0][1]
 
 
 def yaml_blocks(section: str) -> list[str]:
@@ -303,8 +319,12 @@ def yaml_blocks(section: str) -> list[str]:
 
 
 def test_readme_override_file_merges_into_the_script_config(tmp_path):
-    blocks = yaml_blocks(readme_section("Running a real experiment"))
+    blocks = yaml_blocks(doc_section("Running your own experiment"))
     assert blocks, "the README shows no override file"
+    import yaml
+
+    override = yaml.safe_load(blocks[0])
+    assert "gradient_accumulation_steps" in override.get("training", {}), "name the accumulation in the example"
     path = tmp_path / "overrides.yaml"
     path.write_text(blocks[0])
     merged = load_overrides(distil_logits.config, ["--config", str(path)])
@@ -312,25 +332,48 @@ def test_readme_override_file_merges_into_the_script_config(tmp_path):
     distil_logits.check_config_keys(merged, distil_logits.CONFIG_KEYS)
 
 
+def test_every_yaml_block_in_the_docs_is_a_valid_override(tmp_path):
+    """Each YAML block of README.md and docs/*.md parses and merges into one script's `config` with known keys."""
+    import yaml
+
+    checked = 0
+    for path, text in documents().items():
+        for index, block in enumerate(yaml_blocks(text)):
+            assert isinstance(yaml.safe_load(block), dict), f"{path}, YAML block {index + 1} is not a mapping"
+            file = tmp_path / f"block{checked}.yaml"
+            file.write_text(block)
+            errors = []
+            for script in (distil_logits, distil_hidden):
+                try:
+                    script.check_config_keys(load_overrides(script.config, ["--config", str(file)]), script.CONFIG_KEYS)
+                    break
+                except ConfigError as error:
+                    errors.append(f"{script.__name__}: {error}")
+            else:
+                raise AssertionError(f"{path}, YAML block {index + 1} fits neither script: {errors}")
+            checked += 1
+    assert checked >= 3  # the override file, the capture config, the on-policy recipe
+
+
 def test_readme_multi_process_commands_say_multi_gpu_or_name_a_config_file():
-    text = open(os.path.join(ROOT, "README.md")).read()
-    launches = re.findall(r"accelerate launch[^\n`|]*", text)
-    assert launches
-    for line in launches:
+    launches = [(path, line) for path, text in documents().items()
+                for line in re.findall(r"accelerate launch[^\n`|]*", text)]
+    assert {path for path, _ in launches} >= {"README.md", os.path.join("docs", "offline.md")}
+    for path, line in launches:
         if "--num_processes" in line:
-            assert "--multi_gpu" in line or "--config_file" in line, line
+            assert "--multi_gpu" in line or "--config_file" in line, f"{path}: {line}"
 
 
 def test_readme_capture_config_is_complete(tmp_path):
-    blocks = yaml_blocks(readme_section("Offline distillation"))
-    assert blocks, "the README shows no capture config"
+    blocks = yaml_blocks(doc_section("Capture, then train"))
+    assert blocks, "the docs show no capture config"
     import yaml
 
     capture = yaml.safe_load(blocks[0])
     assert capture["offline"]["mode"] == "capture"
     for section, key in (("models", "teacher"), ("models", "student"), ("dataset", "name"),
                          ("distillation", "temperature"), ("tokenizer", "chat_template")):
-        assert key in capture.get(section, {}), f"{section}.{key} missing from the README's capture config"
+        assert key in capture.get(section, {}), f"{section}.{key} missing from the docs' capture config"
     path = tmp_path / "capture.yaml"
     path.write_text(blocks[0])
     distil_logits.validate(load_overrides(distil_logits.config, ["--config", str(path)]))
