@@ -74,9 +74,14 @@ def trailing_comments(source: str) -> dict[int, str]:
 def config_dict(tree: ast.Module, name: str = "config") -> ast.Dict:
     """The dict literal assigned to `name` at the top level of a module."""
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(target, ast.Name) and target.id == name for target in targets) and isinstance(node.value,
-                                                                                                        ast.Dict):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        named = any(isinstance(target, ast.Name) and target.id == name for target in targets)
+        if named and isinstance(node.value, ast.Dict):
             return node.value
     raise ValueError(f"no top-level `{name} = {{...}}` dict literal")
 
