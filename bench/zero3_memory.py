@@ -1,7 +1,7 @@
 """Host memory the teacher adds to each rank of a 2-process DeepSpeed ZeRO-3 run on the CPU (gloo), while it loads and
 over the first training steps, with the shipped live-parameter caps and with lower ones.
 
-    python bench/zero3_memory.py                          # this tree; ~12 min on 2 cores; writes bench/output/zero3_memory.json
+    python bench/zero3_memory.py                          # this tree; ~3 min on 2 cores; writes bench/output/zero3_memory.json
     python bench/zero3_memory.py --caps 1e9,1e8,2e7       # stage3_max_live_parameters = stage3_max_reuse_distance = each value
     python bench/zero3_memory.py --float32                # training.bf16: false, so the teacher loads in float32
     python bench/zero3_memory.py --tree /tmp/old_checkout # the same measurement on another checkout (before/after)

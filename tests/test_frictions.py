@@ -190,9 +190,10 @@ def test_num_processes_without_multi_gpu_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", str(driver)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={**os.environ, "HF_HOME": str(tmp_path / "hf")})  # no default accelerate config
-    assert result.returncode == 2, result.stderr[-2000:]
+    # The script exits 2 with one line; accelerate's launcher then fails with its own traceback (exit status 1).
+    assert result.returncode != 0
     assert ("error: accelerate launch was given --num_processes 2 but started distil_logits.py as 1 process"
-            in result.stderr)
+            in result.stderr), result.stderr[-2000:]
 
 
 # --- row numbers, override files, the memory report -------------------------------------------------------------------
