@@ -98,6 +98,7 @@ def deep_merge(base: dict, overrides: dict, path: str = "") -> dict:
             merged[key] = deep_merge(merged[key], value, where + ".")
         elif isinstance(merged[key], dict) and isinstance(value, dict):
             if where == "training":
+                check_training_keys(value)
                 for set_key, other in _ALTERNATIVE_TRAINING_KEYS.items():
                     if set_key in value and other not in value:
                         merged[key].pop(other, None)
@@ -150,7 +151,10 @@ def load_overrides(config: dict, argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--config file '{args.config}' could not be parsed: {str(error).splitlines()[0]}") from None
     if not isinstance(overrides, dict):
         raise ConfigError(f"--config file '{args.config}' must hold a mapping of config keys at its top level.")
-    return deep_merge(config, overrides)
+    try:
+        return deep_merge(config, overrides)
+    except ConfigError as error:  # the typo is in the file, not in the script's dict: say so
+        raise ConfigError(f"--config file '{args.config}': {error}") from None
 
 
 def check_output_dir(config: dict) -> None:
@@ -161,9 +165,14 @@ def check_output_dir(config: dict) -> None:
     if training.get("resume_from_checkpoint") or training.get("overwrite_output_dir"):
         return
     if os.path.isfile(os.path.join(output_dir, "distillation_config.json")):
+        # Resuming a finished run with the same schedule starts at its last step and trains nothing.
+        checkpoints = complete_checkpoints(output_dir)
+        further = (f"; to train it further, raise training.num_train_epochs (or max_steps) and set "
+                   f"training.resume_from_checkpoint: true (it continues from {os.path.basename(checkpoints[-1][1])})"
+                   if checkpoints else "")
         raise ConfigError(
-            f"output_dir '{output_dir}' already holds a finished run. Choose another output_dir, or set "
-            "training.resume_from_checkpoint, or training.overwrite_output_dir: true to replace it."
+            f"output_dir '{output_dir}' already holds a finished run. Choose another output_dir for a new run, or set "
+            f"training.overwrite_output_dir: true to replace it{further}."
         )
     checkpoints = _checkpoint_folders(output_dir)
     if checkpoints:
@@ -400,14 +409,53 @@ def attention_implementation(use_flash_attention: bool) -> str:
     return "sdpa"
 
 
+def model_source(name: str) -> str:
+    """What `from_pretrained` reads for a configured model name: the local folder (with ~ expanded) when there is one,
+    else the Hub id as given. A name that can only be a local path (it starts with /, ./, ../ or ~, or has more than
+    one /, which no Hub id has) but names no folder is a ConfigError saying so, not the Hub's repo-id error."""
+    path = os.path.expanduser(str(name))
+    if os.path.isdir(path):
+        return path
+    text = str(name)
+    looks_local = (text.startswith(("/", "./", "../", "~")) or text in (".", "..") or text.count("/") > 1
+                   or (os.sep != "/" and os.sep in text))
+    if not looks_local:
+        return text
+    if os.path.exists(path):
+        raise ConfigError(f"model path '{name}' is a file; give the folder that holds config.json and the weights.")
+    parent, base = os.path.split(os.path.normpath(path))
+    nearby = ""
+    if os.path.isdir(parent or "."):
+        folders = [entry for entry in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", entry))]
+        close = difflib.get_close_matches(base, folders, n=1, cutoff=0.6)
+        nearby = f" Did you mean '{os.path.join(os.path.dirname(text.rstrip('/')), close[0])}'?" if close else ""
+    raise ConfigError(f"model folder '{name}' does not exist.{nearby} Fix the path in models.student or models.teacher "
+                      "(or give a Hub id, namespace/name).")
+
+
+def load_error(what: str, name: str, error: Exception) -> ConfigError:
+    """One line for a model, config or tokenizer that `from_pretrained` could not load."""
+    text = " ".join(str(error).split())
+    if "trust_remote_code" in text:
+        return ConfigError(
+            f"{what} '{name}' needs Python code shipped with the checkpoint (trust_remote_code), which these scripts do "
+            "not run. Use a checkpoint of an architecture transformers includes, or, if you trust that code, pass "
+            "trust_remote_code=True in common.load_causal_lm, load_tokenizer and projections.model_shape."
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"could not load {what} '{name}': {first}")
+
+
 def load_tokenizer(name: str, chat_template: str | None = None):
     """Load a tokenizer, give it a pad token if it has none, and set the chat template if one is configured."""
     from transformers import AutoTokenizer
 
+    source = model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as error:
-        raise ConfigError(f"could not load the tokenizer of '{name}': {str(error).splitlines()[0]}") from None
+        # trust_remote_code=False: a checkpoint with its own code is refused at once (None would prompt on stdin).
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise load_error("the tokenizer of", name, error) from None
     if not tokenizer.is_fast:
         raise ConfigError(f"the tokenizer of '{name}' is not a fast tokenizer; label masks need its offset mapping.")
     if tokenizer.pad_token is None:
@@ -443,14 +491,16 @@ def load_causal_lm(name: str, config: dict, trainable: bool = True):
 
     if is_deepspeed_zero3_enabled():
         return_large_frees_to_the_system()
+    source = model_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name,
+            source,
             dtype=model_dtype(config, trainable),
             attn_implementation=attention_implementation(config["model_config"]["use_flash_attention"]),
+            trust_remote_code=False,
         )
-    except OSError as error:
-        raise ConfigError(f"could not load the model '{name}': {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:
+        raise load_error("the model", name, error) from None
     if not trainable:
         freeze_for_inference(model)
     if config["training"].get("packing") and model.config._attn_implementation != "flash_attention_2":
@@ -459,6 +509,21 @@ def load_causal_lm(name: str, config: dict, trainable: bool = True):
         print_rank0(f"warning: packing without flash_attention_2 ({name} uses {model.config._attn_implementation}) is "
                     "correct but slow: sdpa attends over the whole flattened batch. Install flash-attn or set packing: false.")
     return model
+
+
+def without_tied_missing_keys(model: torch.nn.Module, load_result):
+    """`load_result` (of `load_state_dict(..., strict=False)`) less the missing keys of weights tied to a loaded one.
+
+    A tied output head (tie_word_embeddings) is saved once, as the input embedding, so no checkpoint holds
+    `lm_head.weight`; loading the embedding restores both, yet the Trainer warns on resume that the head is missing.
+    Only keys whose parameter is the very tensor of a loaded source are dropped: a head that is really missing stays.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = set(load_result.missing_keys)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    restored = {key for key, source in tied.items() if key in missing and source not in missing
+                and key in parameters and parameters.get(source) is parameters[key]}
+    return load_result._replace(missing_keys=[key for key in load_result.missing_keys if key not in restored])
 
 
 def freeze_for_inference(model: torch.nn.Module) -> None:
@@ -608,6 +673,8 @@ def save_finished_run(trainer, tokenizer, config: dict) -> str:
     """Save the student, its tokenizer (with the chat template used), trainer_state.json (the logged losses) and
     distillation_config.json (the resolved config, whose presence marks the run finished). Returns output_dir."""
     output_dir = config["training"]["output_dir"]
+    # Saved without the resume: relaunched as is, the saved config must not silently continue this run.
+    config = {**config, "training": {**config["training"], "resume_from_checkpoint": None}}
     trainer.save_state()
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
@@ -657,7 +724,16 @@ def model_card(config: dict, log_history: list[dict] = ()) -> str:
         header.append(f"base_model: {models['student']}")
     lines = header + ["---", "", f"# {os.path.basename(os.path.normpath(config['training']['output_dir']))}", "",
                       f"- Student: `{models['student']}`"]
-    if teacher_used:
+    offline = config.get("offline") or {}
+    if teacher_used and offline.get("mode") == "train":
+        # The teacher that made the capture, as its manifest records it: the configured one is never loaded.
+        manifest_path = os.path.join(str(offline.get("capture_dir")), "manifest.json")
+        teacher = models["teacher"]
+        if os.path.isfile(manifest_path):
+            with open(manifest_path) as handle:
+                teacher = json.load(handle).get("teacher", teacher)
+        lines.append(f"- Teacher: `{teacher}` (read from the capture `{offline.get('capture_dir')}`)")
+    elif teacher_used:
         lines.append(f"- Teacher: `{models['teacher']}`")
     lines += [f"- Method: {describe_method(config)}",
               f"- Data: `{dataset['name']}` (split {dataset.get('split')}, format {dataset.get('format')})"]
@@ -666,7 +742,10 @@ def model_card(config: dict, log_history: list[dict] = ()) -> str:
         last.update({key: value for key, value in entry.items() if key.endswith("loss") and isinstance(value, (int, float))})
     if last:
         lines.append("- Last logged losses: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(last.items())))
-    lines += ["", f"Run `{config.get('project_name')}`. The student loads with `AutoModelForCausalLM.from_pretrained` "
-              "on this folder. The resolved config (also in `distillation_config.json`):", "",
+    script = "distil_hidden.py" if "layer_map" in config["distillation"] else "distil_logits.py"
+    lines += ["", f"Made with {script} (project `{config.get('project_name')}`). To run it again, set another "
+              f"training.output_dir in `distillation_config.json` and run `python {script} --config "
+              "distillation_config.json`. The student loads with `AutoModelForCausalLM.from_pretrained` on this folder. "
+              "The resolved config:", "",
               "```json", json.dumps(config, indent=2, default=str), "```", ""]
     return "\n".join(lines)

@@ -245,13 +245,44 @@ def with_source_rows(raw):
     return raw.add_column(SOURCE_ROW, list(range(len(raw))))
 
 
+def json_lines_numbers(name: str, rows: Iterable[int]) -> dict[int, int]:
+    """{row: line} for rows (0-based, in the order loaded) of a JSON-lines file: the 1-based line an editor shows,
+    blank lines skipped as the loader skips them. Empty for anything else (a JSON array, another format, a Hub id)."""
+    path = os.path.expanduser(name)
+    if os.path.splitext(name)[1].lower() not in (".json", ".jsonl") or not os.path.isfile(path):
+        return {}
+    wanted, found = set(rows), {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        row = 0
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            if row == 0 and line.lstrip().startswith("["):
+                return {}  # one JSON array: its rows have no lines of their own
+            if row in wanted:
+                found[row] = line_number
+                if len(found) == len(wanted):
+                    break
+            row += 1
+    return found
+
+
+def row_names(name: str, rows: list[int]) -> list[str]:
+    """How errors and warnings name rows of dataset `name`: 'line N' (from 1) of a JSON-lines file, else 'row N'
+    counting from 0, as `dataset[N]` reads it."""
+    lines = json_lines_numbers(name, rows)
+    if lines and len(lines) == len(rows):
+        return [f"line {lines[row]}" for row in rows]
+    return [f"row {row} (counting from 0)" for row in rows]
+
+
 def _row_errors_named(tokenize: Callable[[dict], dict], name: str) -> Callable[[dict], dict]:
     """`tokenize`, whose ConfigError (an unknown role, a malformed turn) names the dataset and the row."""
     def tokenize_named(row: dict) -> dict:
         try:
             return tokenize(row)
         except ConfigError as error:
-            where = f"row {row[SOURCE_ROW]}" if SOURCE_ROW in row else "a row"
+            where = row_names(name, [row[SOURCE_ROW]])[0] if row.get(SOURCE_ROW, -1) >= 0 else "a row"
             raise ConfigError(f"dataset '{name}', {where}: {error}") from None
     return tokenize_named
 
@@ -319,8 +350,8 @@ def _warn_dropped(tokenized, name: str, dropped: int, max_length: int) -> None:
     for flag, reason in ((-1, "no assistant turn"), (0, f"truncated to max_length={max_length} before any assistant token")):
         rows = sorted(source for source, count in zip(lost[SOURCE_ROW], lost["counted_positions"]) if count == flag)
         if rows:
-            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-            reasons.append(f"{len(rows)} with {reason} (rows {shown})")
+            shown = ", ".join(row_names(name, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            reasons.append(f"{len(rows)} with {reason} ({shown})")
     print_rank0(f"warning: dropped {dropped} of {len(tokenized)} rows of '{name}' with no trainable token: "
                 f"{'; '.join(reasons)}")
 

@@ -54,6 +54,7 @@ from common import (
     run_cli,
     save_finished_run,
     student_optimizer,
+    without_tied_missing_keys,
 )
 from alignment import same_next_token, same_tokenization
 from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
@@ -392,6 +393,7 @@ class HiddenStatesTrainer(SFTTrainer):
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # The student checkpoint has no projections by design; they are loaded from their own file.
+        load_result = without_tied_missing_keys(self.model, load_result)
         missing = [key for key in load_result.missing_keys if not key.startswith(PROJECTIONS_ATTRIBUTE + ".")]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 

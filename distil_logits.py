@@ -57,6 +57,7 @@ from common import (
     run_cli,
     save_finished_run,
     student_optimizer,
+    without_tied_missing_keys,
 )
 from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
                        span_continuations, tokenize_row_for_logits)
@@ -382,6 +383,9 @@ class LogitsTrainer(SFTTrainer):
 
     def create_model_card(self, *args, **kwargs) -> None:
         pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        super()._issue_warnings_after_load(without_tied_missing_keys(self.model, load_result))
 
 
 def main(config: dict) -> LogitsTrainer:

@@ -12,10 +12,52 @@ import torch
 from common import ConfigError
 
 
+def launch_processes_asked(argv: list[str]) -> int | None:
+    """The --num_processes given on an `accelerate launch` (or `python -m accelerate.commands.launch`) command line,
+    or None when `argv` is not one or does not set it."""
+    for index, word in enumerate(argv):
+        if word == "accelerate.commands.launch" or (
+                word == "launch" and index > 0 and os.path.basename(argv[index - 1]).startswith("accelerate")):
+            from accelerate.commands.launch import launch_command_parser
+
+            try:
+                known, _ = launch_command_parser().parse_known_args(argv[index + 1:])
+            except SystemExit:  # a command line accelerate itself could not parse did not start us
+                return None
+            return known.num_processes
+    return None
+
+
+def parent_command_line() -> list[str]:
+    """The command line of this process's parent (the launcher, if any), or [] where /proc cannot tell."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def check_launcher_processes(script: str) -> None:
+    """Refuse a run that `accelerate launch --num_processes N` (N > 1) started as a single process: without
+    --multi_gpu (or a config file naming a distributed engine) accelerate runs the script once where fewer than two
+    GPUs are visible, CPUs included, and says nothing. Read from the launcher's command line (Linux)."""
+    asked = launch_processes_asked(parent_command_line())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if asked is not None and asked > 1 and world_size < asked:
+        raise ConfigError(
+            f"accelerate launch was given --num_processes {asked} but started {script} as {world_size} process: "
+            "without --multi_gpu (or a --config_file for DeepSpeed or FSDP) it runs one process where fewer than 2 "
+            f"GPUs are visible. Run `accelerate launch --multi_gpu --num_processes {asked} {script}` (the CPU too: "
+            "gloo), or drop --num_processes."
+        )
+
+
 def check_launch(args, script: str) -> None:
-    """Refuse a plain `python script` on a machine with several visible GPUs: the Trainer would wrap the student in
-    nn.DataParallel, which splits every tensor argument along dim 0, the distillation inputs (teacher hidden states
-    at counted positions, stored top-k) included, so they no longer match the student's rows."""
+    """Refuse a launch that would train differently from what was asked: a plain `python script` on a machine with
+    several visible GPUs (the Trainer would wrap the student in nn.DataParallel, which splits every tensor argument
+    along dim 0, the distillation inputs (teacher hidden states at counted positions, stored top-k) included, so they
+    no longer match the student's rows), or `accelerate launch --num_processes N` that started one process."""
+    check_launcher_processes(script)
     if args.n_gpu > 1:
         raise ConfigError(
             f"{args.n_gpu} GPUs are visible but {script} was started without a distributed launcher (the Trainer "
@@ -25,9 +67,10 @@ def check_launch(args, script: str) -> None:
 
 
 def peak_memory_mib() -> dict[str, float]:
-    """This process's peak resident memory (VmHWM) and current anonymous memory (RssAnon), in MiB, from
-    /proc/self/status (Linux; empty elsewhere). Printed per rank around the teacher's loading: under ZeRO-3 each rank
-    must grow by its shard, not by the whole teacher."""
+    """This process's peak resident memory (VmHWM) and current anonymous memory (RssAnon) from /proc/self/status, and
+    the size of the safetensors files it has memory-mapped (Mapped) from /proc/self/maps, in MiB (Linux; empty
+    elsewhere). Printed per rank around the teacher's loading: under ZeRO-3 each rank must grow by its shard, not by
+    the whole teacher."""
     found = {}
     try:
         with open("/proc/self/status") as handle:
@@ -35,6 +78,14 @@ def peak_memory_mib() -> dict[str, float]:
                 key, _, value = line.partition(":")
                 if key in ("VmHWM", "RssAnon"):
                     found[key] = int(value.split()[0]) / 1024
+        mapped = 0
+        with open("/proc/self/maps") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                    start, _, end = fields[0].partition("-")
+                    mapped += int(end, 16) - int(start, 16)
+        found["Mapped"] = mapped / 2**20
     except OSError:
         pass
     return found
@@ -46,9 +97,13 @@ def print_memory_report(event: str, before: dict[str, float]) -> None:
     after = peak_memory_mib()
     if not after or not before:
         return
+    mapped = after.get("Mapped", 0) - before.get("Mapped", 0)
+    # Weights loaded in their file's dtype on the CPU stay memory-mapped: neither figure counts them until read.
+    note = (f"; +{mapped:.1f} MiB of safetensors files memory-mapped, not yet resident (their pages are read in, as "
+            "shared file cache, when the weights are used)" if mapped > 0 else "")
     print(f"memory on rank {os.environ.get('RANK', '0')}, {event}: peak RSS {before['VmHWM']:.0f} -> "
           f"{after['VmHWM']:.0f} MiB (+{after['VmHWM'] - before['VmHWM']:.0f}), anonymous {before['RssAnon']:.0f} -> "
-          f"{after['RssAnon']:.0f} MiB (+{after['RssAnon'] - before['RssAnon']:.0f})", flush=True)
+          f"{after['RssAnon']:.0f} MiB (+{after['RssAnon'] - before['RssAnon']:.0f}){note}", flush=True)
 
 
 def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:

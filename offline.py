@@ -15,10 +15,12 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common import ConfigError, freeze_for_inference, print_rank0
 from alignment import tokens_by_id
 from data import counted_positions
+from distributed import check_launcher_processes
 from losses import (
     add_hidden_states_forward,
     check_head_matches_forward,
@@ -301,6 +303,7 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
     """
     from accelerate import PartialState
 
+    check_launcher_processes("distil_logits.py")  # a capture builds no training arguments, so check_launch never runs
     offline = config["offline"]
     state = PartialState()
     capture = TopKCapture(offline["capture_dir"])
@@ -318,21 +321,32 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
     add_hidden_states_forward(teacher)
     first_row = next(iter(splits.values()))[0]["input_ids"][:16]
     check_head_matches_forward(teacher, teacher, torch.tensor([first_row], device=state.device), "teacher")
-    tokens, start_time = 0, time.time()
+    todo = {}
     for split, dataset in splits.items():
         done = capture.rows_written(split)
-        todo = [row for row in range(len(dataset)) if row % state.num_processes == state.process_index and row not in done]
+        todo[split] = [row for row in range(len(dataset))
+                       if row % state.num_processes == state.process_index and row not in done]
+    # A capture of a real dataset runs for many minutes: show rank 0's progress in positions, the unit of its speed.
+    positions = sum(int(counted_positions_per_row(dataset)[todo[split]].sum()) for split, dataset in splits.items())
+    progress = tqdm(total=positions, unit=" positions", desc=f"capture (rank 0 of {state.num_processes})",
+                    disable=not state.is_main_process, smoothing=0.1)
+    tokens, start_time = 0, time.time()
+    for split, dataset in splits.items():
+        todo_rows = todo[split]
         shard_rows, shard_records = [], []
-        for first in range(0, len(todo), offline["capture_batch_size"]):
-            rows = todo[first : first + offline["capture_batch_size"]]
+        for first in range(0, len(todo_rows), offline["capture_batch_size"]):
+            rows = todo_rows[first : first + offline["capture_batch_size"]]
             examples = [dataset[row] for row in rows]
             records = _capture_rows(teacher, examples, tokenizer.pad_token_id, codec, config, vocab_size, state.device)
             shard_rows += rows
             shard_records += records
-            tokens += sum(len(record) // codec.record_bytes for record in records)
-            if len(shard_rows) >= offline["shard_rows"] or first + offline["capture_batch_size"] >= len(todo):
+            written = sum(len(record) // codec.record_bytes for record in records)
+            tokens += written
+            progress.update(written)
+            if len(shard_rows) >= offline["shard_rows"] or first + offline["capture_batch_size"] >= len(todo_rows):
                 capture.write_shard(split, state.process_index, shard_rows, shard_records)
                 shard_rows, shard_records = [], []
+    progress.close()
     seconds = time.time() - start_time
     print(f"capture on rank {state.process_index}: {tokens} positions in {seconds:.1f} s "
           f"({tokens / max(seconds, 1e-9):.0f} positions/s)", flush=True)

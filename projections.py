@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from common import ConfigError
+from common import ConfigError, load_error, model_source
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 
@@ -20,10 +20,11 @@ def model_shape(name: str) -> tuple[int, int]:
     """(number of transformer blocks, hidden size) of a causal LM, read from its config without loading weights."""
     from transformers import AutoConfig
 
+    source = model_source(name)
     try:
-        model_config = AutoConfig.from_pretrained(name).get_text_config()
-    except OSError as error:
-        raise ConfigError(f"could not load the config of '{name}': {str(error).splitlines()[0]}") from None
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=False).get_text_config()
+    except (OSError, ValueError) as error:
+        raise load_error("the config of", name, error) from None
     return model_config.num_hidden_layers, model_config.hidden_size
 
 

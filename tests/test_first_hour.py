@@ -281,13 +281,13 @@ def test_dropped_rows_are_warned_with_count_reason_and_file_rows(assets, tmp_pat
     name = write_rows(tmp_path, [ANSWERED, UNANSWERED, ANSWERED, UNANSWERED, UNANSWERED, ANSWERED])
     prepare_datasets({"name": name, "seed": 0, "eval_size": 0}, loaded(assets["tokenizer"]), 512)
     assert (f"warning: dropped 3 of 6 rows of '{name}' with no trainable token: 3 with no assistant turn "
-            "(rows 1, 3, 4)") in capsys.readouterr().out
+            "(line 2, line 4, line 5)") in capsys.readouterr().out  # the file's lines, counting from 1
 
 
 def test_unknown_role_names_the_file_and_the_row(assets, tmp_path):
     bad = {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}
     name = write_rows(tmp_path, [ANSWERED, ANSWERED, bad, ANSWERED])
-    with pytest.raises(ConfigError, match=rf"dataset '{re.escape(name)}', row 2: unknown ShareGPT role 'narrator'"):
+    with pytest.raises(ConfigError, match=rf"dataset '{re.escape(name)}', line 3: unknown ShareGPT role 'narrator'"):
         prepare_datasets({"name": name, "seed": 1, "eval_size": 0}, loaded(assets["tokenizer"]), 512)
 
 
