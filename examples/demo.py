@@ -1,7 +1,8 @@
-"""Offline CPU demo: distil a tiny teacher into smaller students with distil_logits.py and distil_hidden.py, and
-compare with plain SFT.
+"""Offline CPU demo: distil a tiny teacher into a smaller student with distil_logits.py and compare with plain SFT.
+With --full also offline, hidden-state, cross-tokenizer and on-policy distillation.
 
-    python examples/demo.py            # builds (once) data, tokenizer and teacher under examples/.cache, then trains
+    python examples/demo.py            # teacher, SFT student, KD student (~2 min on 2 CPU cores, teacher cached after)
+    python examples/demo.py --full     # every row (~7 min; reuses the cached teacher)
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
     python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
 
@@ -9,28 +10,33 @@ What it does, all offline:
 1. Makes a ShareGPT dataset of questions whose answers are sampled from a fixed distribution per question
    (examples/demo_data.py), so a teacher's soft next-token distribution carries information a one-hot label lacks.
 2. Trains a byte-level BPE tokenizer and a small Qwen2-style teacher on the full training set (plain SFT, via
-   distil_logits.main with alpha = 0). Cached.
+   distil_logits.main with alpha = 0). Cached in examples/.cache, with a second tokenizer and the untrained students.
 3. Trains a smaller student, from the same initial weights and on the same small subset, twice: SFT only
-   (alpha = 0) and with logit distillation from the teacher (alpha, temperature below).
-4. Trains a Llama-style student (another architecture, hidden size and depth) on the same rows and epochs, SFT only
-   and with hidden-state distillation (distil_hidden.py, shared tokenizer); then the same pair again with the
-   student on a second tokenizer (trained on other rows, another vocabulary size), where hidden states are compared
-   only at aligned character offsets, and that student with logit KD across tokenizers (uld and hybrid).
-5. Continues the SFT student for a few steps with on-policy reverse KL (the student samples, the teacher scores) and
-   as many with off-policy KD on the dataset's answers, and measures both on the student's own samples.
-6. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student, and writes
-   examples/output/demo_curves.png and demo_results.json. Cross-entropies of the tokenizer-B students are per
-   tokenizer-B token: compare them with each other, not with the other rows.
+   (alpha = 0) and with logit distillation from the teacher (alpha, temperature below). This is the default run.
+4. --full also: trains the KD student again from an offline top-k capture of the teacher; trains a Llama-style
+   student (another architecture, hidden size and depth) on the same rows and epochs, SFT only and with hidden-state
+   distillation (distil_hidden.py, shared tokenizer); then the same pair again with the student on a second tokenizer
+   (trained on other rows, another vocabulary size), where hidden states are compared only at aligned character
+   offsets, and that student with logit KD across tokenizers (uld and hybrid); continues the SFT student for a few
+   steps with on-policy reverse KL (the student samples, the teacher scores) and as many with off-policy KD on the
+   dataset's answers, and measures both on the student's own samples.
+5. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student as a markdown
+   table, and writes it to examples/output/demo_results.md (demo_results_full.md with --full), with the loss curves
+   (demo_curves.png) and the numbers (demo_results.json). Cross-entropies of the tokenizer-B students are per
+   teacher-tokenizer token, so every row compares.
 """
 
 import argparse
 import copy
+import datetime
 import json
 import os
+import platform
 import shutil
 import sys
 import time
 
+START = time.time()  # before the heavy imports, so that the reported total is what a user waits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,6 +75,8 @@ demo = {
 # script's defaults (alpha 0.5, T 2, forward KL), evaluated once at the end to keep the demo short. Outside `demo`,
 # whose every key is part of the cached build's identity.
 CROSS_TOKENIZER_ROWS = ("uld", "hybrid")
+PHASE_SECONDS: dict[str, float] = {}  # where the demo's time goes, printed at the end
+BUILD = "build (data, tokenizers, teacher)"
 
 
 def model_folder(path: str, tokenizer_dir: str, hidden_size: int, num_hidden_layers: int, vocab: int, seed: int,
@@ -216,15 +224,18 @@ def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
     return results
 
 
-def print_on_policy(results: dict) -> None:
+def on_policy_lines(results: dict) -> list[str]:
+    """The on-policy comparison as markdown: one sentence on what was compared, then the table."""
     settings = demo["on_policy"]
-    print(f"\nfrom the SFT student, {settings['steps']} more steps ({settings['distillation']}); sampled metrics on "
-          f"{settings['eval_prompts']} held-out prompts, temperature 1:\n")
-    print("| student | eval CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |\n"
-          "| --- | --- | --- | --- | --- |")
+    lines = [f"On-policy: from the SFT student, {settings['steps']} more steps of off-policy KD (the dataset's answers) "
+             f"and as many of on-policy KD (the student's own samples), {settings['distillation']}; sampled metrics "
+             f"on {settings['eval_prompts']} held-out prompts, temperature 1:", "",
+             "| student | held-out CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |",
+             "| --- | --- | --- | --- | --- |"]
     for name, row in results.items():
-        print(f"| {name} | {row['eval_ce']:.4f} | {row['reverse_kl_on_own_samples']:.4f} | "
-              f"{100 * row['valid_answer_share']:.1f}% | {row['mean_completion_tokens']:.2f} |")
+        lines.append(f"| {name} | {row['eval_ce']:.4f} | {row['reverse_kl_on_own_samples']:.4f} | "
+                     f"{100 * row['valid_answer_share']:.1f}% | {row['mean_completion_tokens']:.2f} |")
+    return lines
 
 
 def build(rebuild: bool) -> dict:
@@ -261,7 +272,8 @@ def build(rebuild: bool) -> dict:
     teacher_config["training"]["eval_strategy"] = "no"  # measured once, after training
     timed(distil_logits.main)(teacher_config)
     json.dump(demo, open(done, "w"))
-    print(f"built data, tokenizer and teacher in {time.time() - start:.0f} s")
+    PHASE_SECONDS[BUILD] = time.time() - start
+    print(f"built data, tokenizer and teacher in {PHASE_SECONDS[BUILD]:.0f} s")
     return paths
 
 
@@ -288,9 +300,6 @@ def plot(curves: dict, lines: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-PHASE_SECONDS: dict[str, float] = {}
-
-
 def timed(function):
     """Wrap a script's main so that the demo can report where its time goes."""
     def run(config: dict):
@@ -301,38 +310,17 @@ def timed(function):
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
-    parser.add_argument("--on-policy-only", action="store_true",
-                        help="train the SFT student, then only the on-policy vs off-policy comparison")
-    args = parser.parse_args()
-    start = time.time()
-    # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
-    # spin-wait for each other and run 10-50x slower.
-    torch.set_num_threads(1)
-    paths = build(args.rebuild)
-    os.makedirs(OUTPUT, exist_ok=True)
-    student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
-                         eval_data=paths["eval"], rows=demo["student_rows"], epochs=demo["student"]["epochs"],
-                         batch=32, learning_rate=7e-3)
-    print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
-    sft = timed(distil_logits.main)(run_config("demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup))
-    print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
-    on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
-    if args.on_policy_only:
-        print_on_policy(on_policy_results)
-        json.dump(on_policy_results, open(os.path.join(OUTPUT, "demo_on_policy.json"), "w"), indent=2)
-        print(f"seconds per run: {PHASE_SECONDS} ({time.time() - start:.0f} s in all)")
-        return
-    print(f"training the KD student ({demo['kd']}) on the same {demo['student_rows']} rows")
-    kd = timed(distil_logits.main)(run_config("demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup))
-    print(f"capturing the teacher's top-{demo['offline_top_k']} once, then training the same KD student from it")
+def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> dict:
+    """--full: the same KD from an offline capture, the Llama students (SFT and hidden-state KD on both tokenizers,
+    logit KD across tokenizers) and on-policy vs off-policy KD. Returns their table rows, summary lines, curves and
+    the offline and on-policy details for the JSON."""
+    top_k = demo["offline_top_k"]
+    print(f"capturing the teacher's top-{top_k} once, then training the same KD student from it")
     capture_dir = os.path.join(OUTPUT, "capture")
     shutil.rmtree(capture_dir, ignore_errors=True)
-    offline_config = run_config("demo-kd-offline", output_dir=os.path.join(OUTPUT, "kd_offline"), **demo["kd"],
-                                **student_setup)
-    offline_config["offline"].update(mode="capture", capture_dir=capture_dir, top_k=demo["offline_top_k"])
+    offline_config = five_evaluations(run_config("demo-kd-offline", output_dir=os.path.join(OUTPUT, "kd_offline"),
+                                                 **demo["kd"], **student_setup))
+    offline_config["offline"].update(mode="capture", capture_dir=capture_dir, top_k=top_k)
     manifest = timed(distil_logits.main)(offline_config)
     offline_config["offline"]["mode"] = "train"
     kd_offline = timed(distil_logits.main)(offline_config)
@@ -358,65 +346,154 @@ def main() -> None:
                                   cross_tokenizer=method, **b_setup)
         cross_config["training"]["eval_strategy"] = "no"
         timed(distil_logits.main)(cross_config)
+    print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
+    on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
 
-    results = {
-        "teacher (all rows)": heldout_cross_entropy(paths["teacher"], paths["eval"]),
-        "student, untrained": heldout_cross_entropy(paths["student_init"], paths["eval"]),
-        "student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"]),
-        "student, logit KD": heldout_cross_entropy(os.path.join(OUTPUT, "kd"), paths["eval"]),
-        f"student, logit KD from a top-{demo['offline_top_k']} capture": heldout_cross_entropy(
-            os.path.join(OUTPUT, "kd_offline"), paths["eval"]),
-        "Llama student, SFT": heldout_cross_entropy(os.path.join(OUTPUT, "llama_sft"), paths["eval"]),
-        "Llama student, hidden-state KD": heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"]),
-    }
+    evaluation_start = time.time()
+    llama, hidden = demo["hidden_student"], demo["hidden"]
+    offline_row = f"student, logit KD from a top-{top_k} capture (teacher not loaded)"
+    llama_sft_row = f"Llama student ({llama['hidden_size']} x {llama['num_hidden_layers']}), SFT"
+    llama_hidden_row = (f"Llama student, hidden-state KD ({hidden['loss']} on {distil_hidden.config['distillation']['teacher_norm']}"
+                        f"-normalised teacher states, {hidden['layer_map']} layer map, alpha {hidden['alpha']})")
+    b_sft_row, b_hidden_row = "Llama student on tokenizer B, SFT *", "Llama student on tokenizer B, hidden-state KD *"
+    cross_rows = {method: f"Llama student on tokenizer B, logit KD across tokenizers (`{method}`) *"
+                  for method in CROSS_TOKENIZER_ROWS}
+    rows = {offline_row: heldout_cross_entropy(os.path.join(OUTPUT, "kd_offline"), paths["eval"]),
+            llama_sft_row: heldout_cross_entropy(os.path.join(OUTPUT, "llama_sft"), paths["eval"]),
+            llama_hidden_row: heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"])}
     # Tokenizer-B students: the negative log-likelihood of the same assistant text, per teacher-tokenizer token.
     _, teacher_tokens = heldout_nats(paths["teacher"], paths["eval"])
-    for name, folder in (("Llama student, tokenizer B, SFT *", "llama_b_sft"),
-                         ("Llama student, tokenizer B, hidden-state KD *", "llama_b_hidden"),
-                         *((f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *", f"llama_b_{method}")
-                           for method in CROSS_TOKENIZER_ROWS)):
-        results[name] = heldout_nats(os.path.join(OUTPUT, folder), paths["eval"])[0] / teacher_tokens
-    print(f"\nheld-out cross-entropy on the assistant tokens of {demo['eval_rows']} rows (lower is better):\n")
-    print("| model | eval CE (nats/token) |\n| --- | --- |")
-    for name, value in results.items():
-        print(f"| {name} | {value:.4f} |")
-    print("\n* tokenizer B: total nats on the same assistant text divided by its number of teacher-tokenizer tokens")
-    gap = results["student, SFT"] - results["student, logit KD"]
-    print(f"\nKD minus SFT: {-gap:+.4f} nats/token ({'KD better' if gap > 0 else 'SFT better or equal'})")
-    online, offline = results["student, logit KD"], results[f"student, logit KD from a top-{demo['offline_top_k']} capture"]
+    for name, folder in ((b_sft_row, "llama_b_sft"), (b_hidden_row, "llama_b_hidden"),
+                         *((cross_rows[method], f"llama_b_{method}") for method in CROSS_TOKENIZER_ROWS)):
+        rows[name] = heldout_nats(os.path.join(OUTPUT, folder), paths["eval"])[0] / teacher_tokens
+    PHASE_SECONDS["held-out evaluation (--full rows)"] = time.time() - evaluation_start
+
     runtime = {name: next(log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log)
                for name, trainer in (("online", kd), ("offline", kd_offline))}
-    offline_summary = {
+    offline = {
         "bytes_per_position_record": manifest["record_bytes"],
         "bytes_per_position_on_disk": manifest["bytes_per_position_on_disk"],
         "capture_positions_per_second": manifest["positions_per_second"],
         "training_speedup_offline_over_online": runtime["online"] / runtime["offline"],
-        "eval_ce_offline_minus_online_relative": (offline - online) / online,
+        "eval_ce_offline_minus_online_relative": (rows[offline_row] - kd_cross_entropy) / kd_cross_entropy,
     }
-    print(f"offline KD: {manifest['record_bytes']} bytes per position per record "
-          f"({manifest['bytes_per_position_on_disk']:.1f} on disk with parquet), capture "
-          f"{manifest['positions_per_second']:.0f} positions/s, training {offline_summary['training_speedup_offline_over_online']:.2f}x "
-          f"the online speed, held-out CE {100 * offline_summary['eval_ce_offline_minus_online_relative']:+.2f}% vs online KD")
-    for label, sft_row, hidden_row in (
-        ("Llama student", "Llama student, SFT", "Llama student, hidden-state KD"),
-        ("Llama student, tokenizer B", "Llama student, tokenizer B, SFT *", "Llama student, tokenizer B, hidden-state KD *"),
-        *((f"Llama student, tokenizer B, {method}", "Llama student, tokenizer B, SFT *",
-           f"Llama student, tokenizer B, logit KD across tokenizers ({method}) *") for method in CROSS_TOKENIZER_ROWS),
-    ):
-        gap = results[sft_row] - results[hidden_row]
-        print(f"{'logit' if 'across' in hidden_row else 'hidden-state'} KD minus SFT ({label}): {-gap:+.4f} nats/token "
-              f"({'KD better' if gap > 0 else 'SFT better or equal'})")
-    print_on_policy(on_policy_results)
-    students = {name: value for name, value in results.items() if name not in ("teacher (all rows)", "student, untrained")}
-    print(f"best student: {min(students, key=students.get)}")
-    plot({"SFT": eval_curve(sft), "logit KD": eval_curve(kd), "Llama SFT": eval_curve(llama_sft),
-          "Llama hidden KD": eval_curve(llama_hidden)},
-         {"teacher": results["teacher (all rows)"]}, os.path.join(OUTPUT, "demo_curves.png"))
-    json.dump({"settings": demo, "eval_cross_entropy": results, "offline": offline_summary, "on_policy": on_policy_results,
-               "seconds": time.time() - start},
-              open(os.path.join(OUTPUT, "demo_results.json"), "w"), indent=2)
-    print("seconds per run: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in PHASE_SECONDS.items()))
-    print(f"wrote {OUTPUT}/demo_curves.png and demo_results.json ({time.time() - start:.0f} s in all)")
+    footnote = ("\\* tokenizer B: total nats on the same assistant text divided by its number of teacher-tokenizer "
+                "tokens, so the rows compare.")
+    summary = [f"Offline capture: {manifest['record_bytes']} bytes per position per record "
+               f"({manifest['bytes_per_position_on_disk']:.1f} on disk with parquet), "
+               f"{manifest['positions_per_second']:,.0f} positions/s captured, training "
+               f"{offline['training_speedup_offline_over_online']:.2f}x the online speed (both timings vary with the "
+               f"machine's load), held-out CE {100 * offline['eval_ce_offline_minus_online_relative']:+.2f}% relative "
+               "to online KD."]
+    for label, sft_row, kd_row in (("Llama student", llama_sft_row, llama_hidden_row),
+                                   ("Llama student on tokenizer B", b_sft_row, b_hidden_row),
+                                   *((f"Llama student on tokenizer B, `{method}`", b_sft_row, cross_rows[method])
+                                     for method in CROSS_TOKENIZER_ROWS)):
+        gap = rows[kd_row] - rows[sft_row]
+        summary.append(f"{'Logit' if 'across' in kd_row else 'Hidden-state'} KD minus SFT ({label}): {gap:+.4f} "
+                       f"nats/token ({'KD better' if gap < 0 else 'SFT better or equal'}).")
+    return {"rows": rows, "footnote": footnote, "summary": summary + [""] + on_policy_lines(on_policy_results),
+            "curves": {"Llama SFT": eval_curve(llama_sft), "Llama hidden KD": eval_curve(llama_hidden)},
+            "offline": offline, "on_policy": on_policy_results}
+
+
+def what_it_does(full: bool) -> str:
+    """The run's settings in words: printed before training and written above the table."""
+    teacher, student, kd = demo["teacher"], demo["student"], demo["kd"]
+    text = (f"{'Full run' if full else 'Default run (--full adds the other rows)'}: a Qwen2-style teacher "
+            f"({teacher['hidden_size']} x {teacher['num_hidden_layers']} layers) trained on all {demo['train_rows']:,} "
+            f"training rows for {teacher['epochs']} epochs; one student ({student['hidden_size']} x "
+            f"{student['num_hidden_layers']}) trained twice from the same initial weights on the same "
+            f"{demo['student_rows']} rows for {student['epochs']} epochs (batch 32): plain SFT (alpha 0) and logit KD "
+            f"({kd['divergence']}, T {kd['temperature']}, alpha {kd['alpha']})")
+    if full:
+        text += (f"; the same KD from an offline top-{demo['offline_top_k']} capture; a Llama-style student "
+                 f"({demo['hidden_student']['hidden_size']} x {demo['hidden_student']['num_hidden_layers']}) with SFT "
+                 f"and with hidden-state KD, on the teacher's tokenizer and on tokenizer B "
+                 f"({demo['tokenizer_b']['vocab_size']} tokens, trained on other rows), where it also learns by logit "
+                 f"KD across tokenizers ({', '.join(CROSS_TOKENIZER_ROWS)}); on-policy vs off-policy KD from the SFT "
+                 f"student")
+    return text + f". Held-out cross-entropy on the assistant tokens of {demo['eval_rows']} unseen rows (lower is better):"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true",
+                        help="every row: also offline KD, the hidden-state and cross-tokenizer students and on-policy")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
+    parser.add_argument("--on-policy-only", action="store_true",
+                        help="train the SFT student, then only the on-policy vs off-policy comparison")
+    args = parser.parse_args()
+    # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
+    # spin-wait for each other and run 10-50x slower.
+    torch.set_num_threads(1)
+    paths = build(args.rebuild)
+    os.makedirs(OUTPUT, exist_ok=True)
+    student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
+                         eval_data=paths["eval"], rows=demo["student_rows"], epochs=demo["student"]["epochs"],
+                         batch=32, learning_rate=7e-3)
+    if not args.on_policy_only:
+        print(what_it_does(args.full))
+    print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
+    sft = timed(distil_logits.main)(five_evaluations(run_config(
+        "demo-sft", output_dir=os.path.join(OUTPUT, "sft"), alpha=0.0, **student_setup)))
+    if args.on_policy_only:
+        print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
+        on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
+        print("\n" + "\n".join(on_policy_lines(on_policy_results)))
+        json.dump(on_policy_results, open(os.path.join(OUTPUT, "demo_on_policy.json"), "w"), indent=2)
+        print(f"seconds per run: {PHASE_SECONDS} ({time.time() - START:.0f} s in all)")
+        return
+    print(f"training the KD student ({demo['kd']}) from the same initial weights on the same {demo['student_rows']} rows")
+    kd = timed(distil_logits.main)(five_evaluations(run_config(
+        "demo-kd", output_dir=os.path.join(OUTPUT, "kd"), **demo["kd"], **student_setup)))
+
+    evaluation_start = time.time()
+    teacher, student = demo["teacher"], demo["student"]
+    teacher_row = (f"teacher ({teacher['hidden_size']} x {teacher['num_hidden_layers']}; all {demo['train_rows']:,} "
+                   f"rows, {teacher['epochs']} epochs)")
+    sft_row = f"student, SFT on {demo['student_rows']} rows"
+    kd_row = f"student, logit KD on {demo['student_rows']} rows"
+    rows = {
+        teacher_row: heldout_cross_entropy(paths["teacher"], paths["eval"]),
+        f"student ({student['hidden_size']} x {student['num_hidden_layers']}), untrained":
+            heldout_cross_entropy(paths["student_init"], paths["eval"]),
+        sft_row: heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"]),
+        kd_row: heldout_cross_entropy(os.path.join(OUTPUT, "kd"), paths["eval"]),
+    }
+    PHASE_SECONDS["held-out evaluation"] = time.time() - evaluation_start
+    gap = rows[kd_row] - rows[sft_row]
+    headline = (f"Logit KD minus SFT: {gap:+.4f} nats/token ({'KD better' if gap < 0 else 'SFT better or equal'}), "
+                f"same student, initial weights, rows and steps.")
+    extra = full_rows(paths, student_setup, kd, rows[kd_row]) if args.full else None
+    if extra:
+        rows.update(extra["rows"])
+
+    students = [name for name in rows if name != teacher_row and "untrained" not in name]
+    best = min(students, key=rows.get)
+    lines = [what_it_does(args.full), "", "| model | held-out CE (nats/token) |", "| --- | --- |"]
+    lines += [f"| {name} | {f'**{value:.4f}**' if name == best else f'{value:.4f}'} |" for name, value in rows.items()]
+    lines += ["", extra["footnote"], "", headline, *extra["summary"]] if extra else ["", headline]
+
+    suffix = "_full" if args.full else ""
+    curves = {"SFT": eval_curve(sft), "logit KD": eval_curve(kd), **(extra["curves"] if extra else {})}
+    plot(curves, {"teacher": rows[teacher_row]}, os.path.join(OUTPUT, f"demo_curves{suffix}.png"))
+    seconds = time.time() - START
+    built = "data, tokenizers and teacher built in this run" if BUILD in PHASE_SECONDS else \
+        "data, tokenizers and teacher from examples/.cache"
+    lines += ["", f"`python examples/demo.py{' --full' if args.full else ''}`, "
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s ({built}); "
+                  f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, one thread."]
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    with open(os.path.join(OUTPUT, f"demo_results{suffix}.md"), "w") as file:
+        file.write(table)
+    json.dump({"settings": demo, "full": args.full, "eval_cross_entropy": rows, "seconds": seconds,
+               "seconds_per_phase": PHASE_SECONDS,
+               **({"offline": extra["offline"], "on_policy": extra["on_policy"]} if extra else {})},
+              open(os.path.join(OUTPUT, f"demo_results{suffix}.json"), "w"), indent=2)
+    print("seconds per phase: " + ", ".join(f"{name} {value:.0f}" for name, value in PHASE_SECONDS.items()))
+    print(f"wrote {OUTPUT}/demo_results{suffix}.md, demo_curves{suffix}.png and demo_results{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def test_training_logs_the_parts_and_accumulation_matches_one_batch(foreign, acc
         torch.testing.assert_close(single[name], accumulated[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(foreign, accumulated, tmp_path):
     """2 processes x batch 2 = one process x batch 2 x 2 accumulated: the same SGD step."""
     from test_multiprocess import launch

@@ -441,6 +441,7 @@ def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_pa
     assert len(calls) == 2 and all(shape[:2] == (1, 16) for shape in calls), calls
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_match_one(assets, hidden_assets, tmp_path):
     """DeepSpeed ZeRO-3 partitions the student, its projections and the teacher over 2 processes (2 x batch 2 x 2
     accumulated = the reference's batch 2 x 4): the same losses, student and projections, saved consolidated."""

@@ -46,6 +46,7 @@ def logged_losses(output_dir):
     return [(log["step"], log["loss"], log["kd_loss"], log["ce_loss"]) for log in state["log_history"] if "kd_loss" in log]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(assets, tmp_path):
     reference = str(tmp_path / "uninterrupted")
     distil_logits.main(kill_config(assets, reference))

@@ -161,6 +161,7 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, c
         assert lines[0].startswith("interrupted: no checkpoint was saved yet")
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_run(assets, tmp_path):
     """SIGINT, as Ctrl-C sends it, to a CLI run that has saved a checkpoint: one line, exit 130, no traceback."""
     import signal

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 import distil_logits
 
+pytestmark = pytest.mark.slow  # every test here launches two processes
+
 
 def overrides_file(assets, tmp_path, name, accumulation, **training):
     config = tiny_config(assets, str(tmp_path / name))

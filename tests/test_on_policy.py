@@ -302,6 +302,7 @@ def overrides(config, path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_with_unequal_completions(assets, tmp_path, monkeypatch):
     """2 processes x batch 2 = one process x 2 accumulated batches of 2, with the fixed completions of unequal
     lengths: N is the sum over both processes' completions (all-reduced after sampling), so the SGD updates match.
@@ -324,6 +325,7 @@ def test_ddp_two_processes_match_one_with_unequal_completions(assets, tmp_path, 
         torch.testing.assert_close(weights(str(tmp_path / "ddp"))[name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_sample_and_train(assets, tmp_path):
     """ZeRO-3 on 2 processes with real sampling: the student's parameters are gathered for generate (a collective
     every process enters, as the decision is the same on all), the run trains and logs the on-policy parts, and the

@@ -191,6 +191,7 @@ def test_unusable_precision_is_refused_before_loading(assets, tmp_path, settings
     assert not os.path.exists(config["training"]["output_dir"])
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_train_a_tied_student_as_one_process(assets, tied_student, tmp_path):
     """Under ZeRO-3 the tied matrix is partitioned; the loss gathers it as the head (maybe_gather_lm_head_ctx) while
     the embedding lookup gathers it too, and both gradients must reach the one partitioned parameter: the same losses

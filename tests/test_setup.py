@@ -72,6 +72,7 @@ def clone(tmp_path):
 
 
 @needs_install
+@pytest.mark.slow
 def test_no_env_active_creates_venv_and_second_run_installs_nothing(tmp_path, clone):
     env = user_env(tmp_path, SYSTEM_PATH)
     output = run_setup(clone, env)
@@ -92,6 +93,7 @@ def test_no_env_active_creates_venv_and_second_run_installs_nothing(tmp_path, cl
 
 
 @needs_install
+@pytest.mark.slow
 def test_active_virtualenv_gets_the_packages_and_venv_links_to_it(tmp_path, clone):
     user_venv = tmp_path / "my-env"
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(user_venv)], check=True, timeout=300)
