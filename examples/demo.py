@@ -227,9 +227,11 @@ def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
 def on_policy_lines(results: dict) -> list[str]:
     """The on-policy comparison as markdown: one sentence on what was compared, then the table."""
     settings = demo["on_policy"]
+    distillation = settings["distillation"]
     lines = [f"On-policy: from the SFT student, {settings['steps']} more steps of off-policy KD (the dataset's answers) "
-             f"and as many of on-policy KD (the student's own samples), {settings['distillation']}; sampled metrics "
-             f"on {settings['eval_prompts']} held-out prompts, temperature 1:", "",
+             f"and as many of on-policy KD (the student's own samples), both {distillation['divergence']}, "
+             f"T {distillation['temperature']}, alpha {distillation['alpha']}; sampled metrics on "
+             f"{settings['eval_prompts']} held-out prompts, temperature 1:", "",
              "| student | held-out CE | reverse KL on own samples (nats/token) | valid answers | tokens/completion |",
              "| --- | --- | --- | --- | --- |"]
     for name, row in results.items():
@@ -379,7 +381,7 @@ def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> 
     }
     footnote = ("\\* tokenizer B: total nats on the same assistant text divided by its number of teacher-tokenizer "
                 "tokens, so the rows compare.")
-    summary = [f"Offline capture: {manifest['record_bytes']} bytes per position per record "
+    summary = [f"- Offline capture: {manifest['record_bytes']} bytes per position per record "
                f"({manifest['bytes_per_position_on_disk']:.1f} on disk with parquet), "
                f"{manifest['positions_per_second']:,.0f} positions/s captured, training "
                f"{offline['training_speedup_offline_over_online']:.2f}x the online speed (both timings vary with the "
@@ -390,7 +392,7 @@ def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> 
                                    *((f"Llama student on tokenizer B, `{method}`", b_sft_row, cross_rows[method])
                                      for method in CROSS_TOKENIZER_ROWS)):
         gap = rows[kd_row] - rows[sft_row]
-        summary.append(f"{'Logit' if 'across' in kd_row else 'Hidden-state'} KD minus SFT ({label}): {gap:+.4f} "
+        summary.append(f"- {'Logit' if 'across' in kd_row else 'Hidden-state'} KD minus SFT ({label}): {gap:+.4f} "
                        f"nats/token ({'KD better' if gap < 0 else 'SFT better or equal'}).")
     return {"rows": rows, "footnote": footnote, "summary": summary + [""] + on_policy_lines(on_policy_results),
             "curves": {"Llama SFT": eval_curve(llama_sft), "Llama hidden KD": eval_curve(llama_hidden)},
@@ -473,7 +475,7 @@ def main() -> None:
     best = min(students, key=rows.get)
     lines = [what_it_does(args.full), "", "| model | held-out CE (nats/token) |", "| --- | --- |"]
     lines += [f"| {name} | {f'**{value:.4f}**' if name == best else f'{value:.4f}'} |" for name, value in rows.items()]
-    lines += ["", extra["footnote"], "", headline, *extra["summary"]] if extra else ["", headline]
+    lines += ["", extra["footnote"], "", headline, "", *extra["summary"]] if extra else ["", headline]
 
     suffix = "_full" if args.full else ""
     curves = {"SFT": eval_curve(sft), "logit KD": eval_curve(kd), **(extra["curves"] if extra else {})}
