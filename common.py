@@ -3,8 +3,9 @@ checkpoints, training arguments, model and tokenizer loading, teacher placement,
 logging and saving a finished run.
 
 Nothing here is an experiment choice: those live in each script's `config` dict. Datasets, chat rendering and label
-masks are in data.py, the losses in losses.py, the offline capture format in offline.py, tokenizer alignment in
-alignment.py, layer maps and projections in projections.py.
+masks are in data.py, the losses in losses.py (across tokenizers: cross_tokenizer_loss.py; output heads: heads.py),
+the teacher's signal per batch in teacher_signal.py, the trainers' shared base in distillation_trainer.py, the offline
+capture format in offline.py, tokenizer alignment in alignment.py, layer maps and projections in projections.py.
 """
 
 from __future__ import annotations

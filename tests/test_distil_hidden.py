@@ -22,7 +22,8 @@ import distil_hidden
 from alignment import PairedCollator, align_tokenizations, same_next_token, token_boundaries, tokenize_row_pair
 from common import ConfigError
 from data import CHATML_TEMPLATE, tokenize_row
-from losses import add_hidden_states_forward, hidden_state_loss
+from heads import add_hidden_states_forward
+from losses import hidden_state_loss
 from projections import build_projections, load_projections, resolve_layer_map, uniform_layer_map
 
 
