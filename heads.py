@@ -1,5 +1,6 @@
 """Output heads: what a model does between its last hidden state and its logits, the backbone-only forward that the
-losses read hidden states from, and the start-up check that the loss rebuilds a model's own logits exactly.
+losses read hidden states from, and the start-up check that the loss rebuilds a model's own logits exactly (run in
+every engine, DeepSpeed ZeRO-3 included).
 
 The chunked losses (losses.py, cross_tokenizer_loss.py) never call a model's output head: they multiply its final
 hidden states by the head's weight chunk by chunk and apply `head_transform` themselves, so that the (tokens,
@@ -12,7 +13,7 @@ import types
 
 import torch
 
-from common import ConfigError, print_rank0
+from common import ConfigError
 from data import next_token_mask
 
 
@@ -136,6 +137,20 @@ def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def forget_zero3_trace(engine: torch.nn.Module) -> None:
+    """Make a DeepSpeed ZeRO-3 engine record its module order again from its next forward (a no-op elsewhere).
+
+    ZeRO-3 records the order in which a model's modules run over its first forwards and from then on prefetches
+    parameters by that order. The head check's forwards call the output head, which training never does (the loss
+    reads the head's weight inside `gathered_head`): left in the trace, the head would be prefetched into that
+    gather and the step fails. TRL's add_hooks invalidates the trace the same way after generation."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)  # training engine, or a frozen model's engine
+    coordinator = getattr(offload, "param_coordinator", None)
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+
+
 def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Module, input_ids: torch.Tensor,
                                name: str, mixed_precision: bool = False) -> None:
     """Stop with one clear error when the model's own logits differ from what the chunked loss builds from its final
@@ -144,16 +159,12 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
 
     `model` is what the engine runs (DDP / DeepSpeed wrapper, or the model itself), patched by
     `add_hidden_states_forward`; `unwrapped` is the bare model; `mixed_precision` is true when the engine autocasts
-    the forward (training.bf16 / fp16). Runs two short forwards in eval mode. The tolerance allows bf16/fp16 rounding
-    of logits, far below the effect of a missing scale or soft-cap on a real model's logits.
+    the forward (training.bf16 / fp16). Runs two short forwards in eval mode; every process must call it together
+    under ZeRO-3 (its forwards and the head's gather are collectives), which then records its trace afresh
+    (`forget_zero3_trace`). The tolerance allows bf16/fp16 rounding of logits, far below the effect of a missing
+    scale or soft-cap on a real model's logits.
     """
     head, transform, last = unwrapped.get_output_embeddings(), head_transform(unwrapped), final_layer(unwrapped)
-    if hasattr(head.weight, "ds_id"):
-        # ZeRO-3 records the order modules run in and prefetches by it: a forward that calls the head would make it
-        # prefetch the head into the training steps' own gather of it, which fails. The same model is checked in
-        # one-process and DDP runs.
-        print_rank0(f"head check of the {name} skipped under ZeRO-3 (it runs without ZeRO-3)")
-        return
     was_training = model.training
     model.eval()
     try:
@@ -161,9 +172,11 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
             expected = model(input_ids=input_ids, use_cache=False).logits.float()
             hidden = model(input_ids=input_ids, hidden_layers=[last])[last]
             # accelerate's mixed precision returns float32 outputs even from a bf16 model
-            got = head_logits(hidden.to(head.weight.dtype), head, transform)
+            with gathered_head(head):
+                got = head_logits(hidden.to(head.weight.dtype), head, transform)
     finally:
         model.train(was_training)
+        forget_zero3_trace(model)
     # Under mixed precision accelerate autocasts inside the forward and returns float32 outputs: the model's logits
     # are then bf16/fp16 products although every dtype seen here is float32.
     low_precision = (mixed_precision or hidden.dtype != torch.float32 or head.weight.dtype != torch.float32
