@@ -86,7 +86,7 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "student_chat_template": CHATML_TEMPLATE,  # student's template, as distil_logits.py (None: its tokenizer's own)
+        "chat_template": CHATML_TEMPLATE,  # the student's template, as in distil_logits.py (None: its tokenizer's own)
         "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
     },
     "model_config": {
@@ -334,7 +334,7 @@ def main(config: dict) -> HiddenStatesTrainer:
         if distillation["alpha"] > 0:
             layer_pairs = resolve_layer_map(distillation["layer_map"], student_layers, teacher_layers)
             print_rank0(f"layer map (student block, teacher block): {layer_pairs}")
-    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["student_chat_template"])
+    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["chat_template"])
     tokenizers = {"student": tokenizer}
     if use_teacher:
         tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])

@@ -247,8 +247,7 @@ def main(config: dict) -> LogitsTrainer:
     if cross:
         # Any teacher tokenizer: each model renders the rows with its own template, positions are aligned by character.
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"])
-        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer},
-                             {"student": "tokenizer.chat_template"})
+        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer})
         shared_ids = shared_vocabulary(tokenizer, teacher_tokenizer)
         print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {shared_ids[0].numel()} of the "
                     f"student's {vocab_size} tokens have an exact match among the teacher's {len(teacher_tokenizer)}")

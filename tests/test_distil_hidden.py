@@ -297,7 +297,7 @@ def test_student_renders_as_in_distil_logits_by_default():
     different texts, and their held-out CEs (per token of different renderings) were compared as if alike."""
     import distil_logits
 
-    assert distil_hidden.config["tokenizer"]["student_chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
+    assert distil_hidden.config["tokenizer"]["chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
 
 
 def test_teacher_returns_only_the_mapped_hidden_states(assets):

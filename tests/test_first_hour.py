@@ -212,6 +212,21 @@ def test_config_keys_come_from_the_config_dict(script):
         check_config_keys(edited, script.CONFIG_KEYS)
 
 
+def test_the_old_template_key_names_the_new_one(assets, tmp_path):
+    """distil_hidden.py's tokenizer.student_chat_template is tokenizer.chat_template now, as in distil_logits.py: a
+    config or an override file that still uses the old name gets one line naming the new key."""
+    config = tiny_config(assets, str(tmp_path / "out"), distil_hidden)
+    config["tokenizer"]["student_chat_template"] = config["tokenizer"].pop("chat_template")
+    with pytest.raises(ConfigError, match=r"^config key 'tokenizer\.student_chat_template' is now called "
+                                          r"'tokenizer\.chat_template'\. Rename it in your config\.$"):
+        distil_hidden.main(config)
+    path = tmp_path / "old.yaml"
+    path.write_text("tokenizer:\n  student_chat_template: null\n")
+    with pytest.raises(ConfigError, match="is now called 'tokenizer.chat_template'"):
+        load_overrides(distil_hidden.config, ["--config", str(path)])
+    assert not os.path.exists(tmp_path / "out")
+
+
 def nothing_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before the config was checked")
