@@ -111,12 +111,12 @@ class DistillationTrainer(SFTTrainer):
         return None if self.teacher_signal is None else self.teacher_signal.placed
 
     def train(self, *args, **kwargs):
-        accelerator, args_ = self.accelerator, self.args
-        rows = args_.per_device_train_batch_size * args_.gradient_accumulation_steps * accelerator.num_processes
-        print_rank0(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type}; an "
-                    f"optimizer step is {args_.per_device_train_batch_size} rows per device x "
-                    f"{args_.gradient_accumulation_steps} micro-batches (gradient_accumulation_steps) x "
-                    f"{accelerator.num_processes} process(es) = {rows} rows")
+        # Said at start: gradient_accumulation_steps is easy to miss in the dict, and it multiplies the step.
+        batch, accumulation = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+        processes = self.accelerator.num_processes
+        print_rank0(f"training on {processes} process(es), {self.accelerator.distributed_type}; an optimizer step is "
+                    f"{batch} rows per device x {accumulation} micro-batches (gradient_accumulation_steps) x "
+                    f"{processes} process(es) = {batch * accumulation * processes} rows")
         return super().train(*args, **kwargs)
 
     # --- what every compute_loss does ---
