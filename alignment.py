@@ -178,7 +178,7 @@ def align_tokenizations(
     if len(student_spans) != len(teacher_spans):
         raise ConfigError(
             f"the student's and the teacher's chat templates render different numbers of assistant turns "
-            f"({len(student_spans)} and {len(teacher_spans)}) for the same row. Set tokenizer.student_chat_template and "
+            f"({len(student_spans)} and {len(teacher_spans)}) for the same row. Set tokenizer.chat_template and "
             "tokenizer.teacher_chat_template to templates that render every assistant turn."
         )
     student_boundaries, teacher_boundaries = token_boundaries(student_offsets), token_boundaries(teacher_offsets)
@@ -255,9 +255,12 @@ def tokenize_row_pair(
     }
 
 
-def check_chat_templates(data_config: dict, tokenizers: dict, template_keys: dict | None = None) -> None:
-    """A conversation dataset needs a chat template for every tokenizer ({'teacher': ..., 'student': ...}).
-    `template_keys` names the config key that sets each one (default tokenizer.<which>_chat_template)."""
+# The config key that sets each model's chat template, in both scripts.
+TEMPLATE_KEYS = {"student": "tokenizer.chat_template", "teacher": "tokenizer.teacher_chat_template"}
+
+
+def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
+    """A conversation dataset needs a chat template for every tokenizer ({'teacher': ..., 'student': ...})."""
     missing = [which for which, tokenizer in tokenizers.items() if not tokenizer.chat_template]
     if not missing:
         return
@@ -265,7 +268,7 @@ def check_chat_templates(data_config: dict, tokenizers: dict, template_keys: dic
     if dataset_format(raw, data_config.get("format")) != "text":
         raise ConfigError(
             f"the {' and '.join(missing)} tokenizer has no chat template to render conversations with. Set "
-            f"{(template_keys or {}).get(missing[0], f'tokenizer.{missing[0]}_chat_template')} (e.g. data.CHATML_TEMPLATE)."
+            f"{TEMPLATE_KEYS[missing[0]]} (e.g. data.CHATML_TEMPLATE)."
         )
 
 

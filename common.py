@@ -3,8 +3,9 @@ checkpoints, training arguments, model and tokenizer loading, teacher placement,
 logging and saving a finished run.
 
 Nothing here is an experiment choice: those live in each script's `config` dict. Datasets, chat rendering and label
-masks are in data.py, the losses in losses.py, the offline capture format in offline.py, tokenizer alignment in
-alignment.py, layer maps and projections in projections.py.
+masks are in data.py, the losses in losses.py (across tokenizers: cross_tokenizer_loss.py; output heads: heads.py),
+the teacher's signal per batch in teacher_signal.py, the trainers' shared base in distillation_trainer.py, the offline
+capture format in offline.py, tokenizer alignment in alignment.py, layer maps and projections in projections.py.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def did_you_mean(key: str, known) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+# Keys renamed since an earlier version: a config that still uses the old name is told the new one.
+RENAMED_KEYS = {"tokenizer.student_chat_template": "tokenizer.chat_template"}
+
+
+def check_renamed_key(where: str) -> None:
+    """One error naming the new key when `where` (a dotted config key) is an old name of it."""
+    if where in RENAMED_KEYS:
+        raise ConfigError(f"config key '{where}' is now called '{RENAMED_KEYS[where]}'. Rename it in your config.")
+
+
 # Training keys that say the same thing two ways: an override that sets one replaces the dict's other.
 _ALTERNATIVE_TRAINING_KEYS = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps"}
 
@@ -92,6 +103,7 @@ def deep_merge(base: dict, overrides: dict, path: str = "") -> dict:
     for key, value in overrides.items():
         where = f"{path}{key}"
         if key not in merged:
+            check_renamed_key(where)
             raise ConfigError(f"unknown config key '{where}'.{did_you_mean(key, merged)} Check its spelling against the "
                               "script's `config` dict.")
         if isinstance(merged[key], dict) and merged[key] and isinstance(value, dict) and not where == "training":
@@ -118,6 +130,7 @@ def check_config_keys(config: dict, schema: dict, path: str = "") -> None:
                           f"{type(config).__name__}.")
     for key in config:
         if key not in schema and not (path == "training." and key in training_keys()):
+            check_renamed_key(f"{path}{key}")
             known = set(schema) | (training_keys() if path == "training." else set())
             raise ConfigError(f"unknown config key '{path}{key}'.{did_you_mean(key, known)} Fix it in the `config` "
                               "dict (the README's config table lists every key).")

@@ -33,17 +33,12 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
 """
 
 import torch
-from trl import SFTTrainer
 
-from alignment import PairedCollator, check_chat_templates, prepare_paired_datasets
+from alignment import PairedCollator, check_chat_templates, prepare_paired_datasets, same_next_token, same_tokenization
 from common import (
     ConfigError,
-    LossPartLog,
     apply_spectrum,
     build_sft_config,
-    check_config_keys,
-    check_output_dir,
-    check_precision,
     load_causal_lm,
     load_tokenizer,
     micro_batch_normaliser,
@@ -54,31 +49,11 @@ from common import (
     run_cli,
     save_finished_run,
     student_optimizer,
-    without_tied_missing_keys,
 )
-from alignment import same_next_token, same_tokenization
-from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
-from data import (
-    CHATML_TEMPLATE,
-    check_dataset_path,
-    check_eval_size,
-    next_token_mask,
-    prepare_datasets,
-    rendered_texts,
-    wants_eval,
-)
-from losses import (
-    DIVERGENCES,
-    HIDDEN_LOSSES,
-    TEACHER_NORMS,
-    add_distillation_forward,
-    add_hidden_states_forward,
-    check_head_matches_forward,
-    final_layer,
-    head_transform,
-    hidden_state_loss,
-    student_loss,
-)
+from data import CHATML_TEMPLATE, next_token_mask, prepare_datasets, rendered_texts, wants_eval
+from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
+from distributed import check_launch, peak_memory_mib, print_memory_report
+from losses import HIDDEN_LOSSES, TEACHER_NORMS, hidden_state_loss
 from projections import (
     PROJECTIONS_FILE,
     build_projections,
@@ -88,6 +63,7 @@ from projections import (
     resolve_layer_map,
     save_projections,
 )
+from teacher_signal import InProcessTeacher, LossTerms, TeacherHidden, model_inputs, student_loss
 
 config = {
     "project_name": "distil-hidden",  # a label written into the saved config
@@ -110,7 +86,7 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "student_chat_template": CHATML_TEMPLATE,  # student's template, as distil_logits.py (None: its tokenizer's own)
+        "chat_template": CHATML_TEMPLATE,  # the student's template, as in distil_logits.py (None: its tokenizer's own)
         "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
     },
     "model_config": {
@@ -158,23 +134,10 @@ config = {
 
 PROJECTIONS_ATTRIBUTE = "hidden_projections"  # the student's submodule holding the projections during training
 HIDDEN_POSITIONS = ("same_next_token", "aligned")  # distillation.positions
-PAIRED_KEYS = ("teacher_input_ids", "teacher_attention_mask", "student_positions", "teacher_positions")
 
-
-# The keys main() reads, per section. A key missing from an edited `config` (or one it does not know) is one error
-# naming it and the nearest known key; `training` also takes any SFTConfig field. tests/ keep this equal to `config`.
-CONFIG_KEYS = {
-    "project_name": None,
-    "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
-                "system_prompt"),
-    "models": ("teacher", "student"),
-    "tokenizer": ("max_length", "student_chat_template", "teacher_chat_template"),
-    "model_config": ("use_flash_attention", "student_dtype"),
-    "distillation": ("layer_map", "loss", "teacher_norm", "positions", "alpha", "kd_weight", "temperature", "divergence",
-                     "loss_memory_mb"),
-    "spectrum": ("layers_to_unfreeze",),
-    "training": ("output_dir",),
-}
+# The keys main() reads, per section: a key missing from the config main() is given, or one it does not know, is one
+# error naming it and the nearest known key; `training` also takes any SFTConfig field.
+CONFIG_KEYS = config_keys(config)
 
 
 def same_next_token_count(dataset) -> int:
@@ -188,11 +151,10 @@ def same_next_token_count(dataset) -> int:
     return kept
 
 
-def validate(config: dict) -> None:
-    """Check the config's keys and the distillation settings once, before anything is loaded or written. Layer numbers
-    are checked against the models in main, from their configs, still before anything is loaded."""
-    check_config_keys(config, CONFIG_KEYS)
-    check_eval_size(config["dataset"]["eval_size"])
+
+def check_distillation(config: dict) -> None:
+    """The distillation settings (validate_config checks the rest). Layer numbers are checked against the models in
+    main, from their configs, still before anything is loaded."""
     distillation = config["distillation"]
     if not 0 <= distillation["alpha"] <= 1:
         raise ConfigError(f"distillation.alpha must be in [0, 1], got {distillation['alpha']} (0: no hidden loss, 1: no CE).")
@@ -206,59 +168,36 @@ def validate(config: dict) -> None:
     if distillation["positions"] not in HIDDEN_POSITIONS:
         raise ConfigError(f"unknown distillation.positions '{distillation['positions']}'; choose one of "
                           f"{', '.join(HIDDEN_POSITIONS)}.")
-    if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
-        raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
-    if distillation["divergence"] not in DIVERGENCES:
-        raise ConfigError(f"unknown divergence '{distillation['divergence']}'; choose one of {', '.join(DIVERGENCES)}.")
+    check_kd_settings(distillation)
     check_layer_map_format(distillation["layer_map"])
-    if config["tokenizer"]["max_length"] < 2:
-        raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
-    for key in ("name", "eval_name"):
-        if config["dataset"][key]:
-            check_dataset_path(config["dataset"][key])
-    check_precision(config)
-    check_output_dir(config)
 
 
-class HiddenStatesTrainer(SFTTrainer):
-    """SFTTrainer whose loss is alpha * hidden + (1 - alpha) * CE + kd_weight * KD.
+def validate(config: dict) -> None:
+    """Check the config's keys and settings once, before anything is loaded or written."""
+    validate_config(config, CONFIG_KEYS, check_distillation)
+
+
+class HiddenStatesTrainer(DistillationTrainer):
+    """DistillationTrainer whose loss is alpha * hidden + (1 - alpha) * CE + kd_weight * KD.
 
     The projections are a submodule of the student while it trains and run inside its forward (patched by
-    common.add_distillation_forward), so the optimizer, DDP and DeepSpeed treat them as weights; they are left
+    teacher_signal.add_distillation_forward), so the optimizer, DDP and DeepSpeed treat them as weights; they are left
     out of every saved student checkpoint and saved beside it in hidden_projections.safetensors, from which a resumed
-    run restores them. With a shared tokenizer the teacher reads the student's batch; otherwise it reads its own
-    tokenization (teacher_input_ids) and states are compared at each row's aligned positions.
+    run restores them. With a shared tokenizer the teacher (teacher_signal.InProcessTeacher) reads the student's
+    batch; otherwise it reads its own tokenization (teacher_input_ids) and states are compared at each row's aligned
+    positions.
     """
 
-    # compute_loss normalises by the whole optimizer step's token and aligned-position counts itself.
-    loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, teacher=None, projections=None, layer_pairs=(), shared_tokenizer: bool,
-                 distillation: dict, vocab_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.distillation = distillation
-        self.vocab_size = vocab_size
+    def __init__(self, *args, projections=None, layer_pairs=(), shared_tokenizer: bool, **kwargs):
+        super().__init__(*args, projections_attribute=PROJECTIONS_ATTRIBUTE, **kwargs)
         self.shared_tokenizer = shared_tokenizer
         self.projections = projections
         self.layer_pairs = list(layer_pairs)
         # Only the mapped layers are recorded (the others come back as None): no model keeps every layer's states.
         self.teacher_layers = sorted({teacher_layer for _, teacher_layer in self.layer_pairs})
+        if self.teacher_signal is not None and self.teacher_signal.head is not None:  # the logit term's final state
+            self.teacher_layers = sorted(set(self.teacher_layers) | {self.teacher_signal.final_layer})
         self.aligned_in_step = None
-        self.loss_log = LossPartLog(self.accelerator)
-        self.heads_checked = False
-        self.teacher_module = teacher
-        add_distillation_forward(self.model, PROJECTIONS_ATTRIBUTE)
-        add_hidden_states_forward(self.model)  # for the head check at the first step
-        self.teacher = self.teacher_head = None
-        self.teacher_transform = (1.0, None)
-        if teacher is not None:
-            if distillation["kd_weight"] > 0:  # the logit term also needs the teacher's final hidden state
-                self.teacher_layers = sorted(set(self.teacher_layers) | {final_layer(teacher)})
-                self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
-                self.teacher_transform = head_transform(teacher)
-            add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
-            self.teacher = place_teacher(teacher, self)
-            self.final_layer = final_layer(teacher)
 
     def aligned_positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, student position, teacher position) of every compared position: the collator's alignment, or, with a
@@ -274,57 +213,49 @@ class HiddenStatesTrainer(SFTTrainer):
         rows, positions = next_token_mask(inputs["labels"]).nonzero(as_tuple=True)
         return rows, positions, positions
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def step_micro_batches(self, epoch_iterator, num_batches, device):
         # The Trainer counts the labels of the optimizer step (num_items_in_batch); count the aligned positions too.
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples, num_items_in_batch = super().step_micro_batches(epoch_iterator, num_batches, device)
         aligned = torch.tensor(sum(self.aligned_positions(batch)[0].numel() for batch in batch_samples), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             aligned = self.accelerator.gather(aligned).sum()
         self.aligned_in_step = aligned
         return batch_samples, num_items_in_batch
 
-    def teacher_hidden_states(self, inputs: dict, student_inputs: dict) -> tuple:
+    def teacher_hidden_states(self, inputs: dict) -> tuple:
         """The teacher's hidden states, a tuple indexed by layer with only the mapped layers (and, for the logit term,
         the final one) filled. Only the backbone runs: the teacher's logits are never built."""
         if self.shared_tokenizer:
-            teacher_inputs = dict(student_inputs)
+            teacher_inputs = model_inputs(inputs)
         else:
             teacher_inputs = {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"],
                               "use_cache": False}
-        with torch.no_grad():
-            return self.teacher(**teacher_inputs, hidden_layers=self.teacher_layers)
+        return self.teacher_signal.hidden_states(teacher_inputs, self.teacher_layers)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        if not self.heads_checked:  # once, in the engine: the logits the CE/KD terms build are the model's own
-            row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
-            check_head_matches_forward(model, self.model, row, "student", mixed_precision)
-            if self.teacher_head is not None:  # the logit term: shared tokenizer, so the student's ids fit
-                check_head_matches_forward(self.teacher, self.teacher_module, row, "teacher", mixed_precision)
-            self.heads_checked = True
+        self.check_heads(model, inputs)
         labels = inputs["labels"]
         rows, student_positions, teacher_positions = self.aligned_positions(inputs)
-        student_inputs = {key: value for key, value in inputs.items() if key not in PAIRED_KEYS and key != "labels"}
-        student_inputs["use_cache"] = False
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
             num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
         aligned_in_step = self.aligned_in_step if mode == "train" else None
         if aligned_in_step is None:  # get_batch_samples counts them for every training step
             aligned_in_step = micro_batch_normaliser(rows.numel(), self, mode == "train")
-        teacher_hidden = self.teacher_hidden_states(inputs, student_inputs) if self.teacher is not None else None
-        teacher_final = None
-        if self.teacher_head is not None:
-            teacher_final = teacher_hidden[self.final_layer][:, :-1][next_token_mask(labels)]
+        teacher_hidden = self.teacher_hidden_states(inputs) if self.teacher_signal is not None else None
+        answer, teacher = None, self.teacher_signal
+        if teacher is not None and teacher.head is not None:  # the logit term: shared tokenizer, counted positions
+            answer = TeacherHidden(teacher_hidden[teacher.final_layer][:, :-1][next_token_mask(labels)], teacher.head,
+                                   teacher.transform)
         alpha, distillation = self.distillation["alpha"], self.distillation
         outputs = student_loss(
-            model, student_inputs, labels,
+            model, model_inputs(inputs), labels, answer,
+            LossTerms(kd_weight=distillation["kd_weight"], ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
+                      divergence=distillation["divergence"], temperature=distillation["temperature"],
+                      vocab_size=self.vocab_size, memory_budget_mb=distillation["loss_memory_mb"]),
             project_hidden={"layer_pairs": self.layer_pairs, "rows": rows, "positions": student_positions}
             if self.layer_pairs else None,
-            teacher_hidden=teacher_final, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
-            kd_weight=distillation["kd_weight"], ce_weight=1 - alpha, num_items_in_batch=num_items_in_batch,
-            divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
-            memory_budget_mb=distillation["loss_memory_mb"],
         )
         hidden_loss = torch.zeros_like(outputs["ce_loss"])
         if self.layer_pairs:
@@ -336,21 +267,11 @@ class HiddenStatesTrainer(SFTTrainer):
         del teacher_hidden
         # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
         loss = alpha * hidden_loss + outputs["loss"]
-        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir,
-                          hidden_loss=(hidden_loss, aligned_in_step, rows.numel()),
-                          ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens),
-                          kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens))
-        # DDP averages gradients over processes while the normalisers count every process's tokens and positions.
-        if mode == "train" and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes
+        self.log_parts(mode, hidden_loss=(hidden_loss, aligned_in_step, rows.numel()),
+                       ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens),
+                       kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens))
+        loss = self.scaled_for_processes(loss, mode)
         return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict, start_time=None) -> None:
-        logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
-        super().log(logs, start_time)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
 
     # --- saving and resuming: the student checkpoint stays plain, the projections get their own file ---
 
@@ -393,9 +314,9 @@ class HiddenStatesTrainer(SFTTrainer):
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # The student checkpoint has no projections by design; they are loaded from their own file.
-        load_result = without_tied_missing_keys(self.model, load_result)
         missing = [key for key in load_result.missing_keys if not key.startswith(PROJECTIONS_ATTRIBUTE + ".")]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
 
 
 def main(config: dict) -> HiddenStatesTrainer:
@@ -413,7 +334,7 @@ def main(config: dict) -> HiddenStatesTrainer:
         if distillation["alpha"] > 0:
             layer_pairs = resolve_layer_map(distillation["layer_map"], student_layers, teacher_layers)
             print_rank0(f"layer map (student block, teacher block): {layer_pairs}")
-    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["student_chat_template"])
+    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["chat_template"])
     tokenizers = {"student": tokenizer}
     if use_teacher:
         tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])
@@ -479,7 +400,7 @@ def main(config: dict) -> HiddenStatesTrainer:
 
     trainer = HiddenStatesTrainer(
         model=student,
-        teacher=teacher,
+        teacher_signal=None if teacher is None else InProcessTeacher(teacher, needs_head=distillation["kd_weight"] > 0),
         projections=projections,
         layer_pairs=layer_pairs,
         shared_tokenizer=shared,
@@ -492,7 +413,6 @@ def main(config: dict) -> HiddenStatesTrainer:
         optimizer_cls_and_kwargs=student_optimizer(config, args),
         data_collator=None if shared else PairedCollator(tokenizer.pad_token_id, tokenizers["teacher"].pad_token_id),
     )
-    print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
                                                                    training.get("overwrite_output_dir")))
     output_dir = save_finished_run(trainer, tokenizer, config)

@@ -32,20 +32,17 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
   i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
   vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
-  N and CE are as above (losses.cross_tokenizer_divergence; README, "Logit distillation across tokenizers").
+  N and CE are as above (cross_tokenizer_loss.cross_tokenizer_divergence; README, "Logit distillation across tokenizers").
 """
 
 import torch
-from trl import SFTTrainer
 
+from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
+                       tokenize_row_for_logits)
 from common import (
     ConfigError,
-    LossPartLog,
     apply_spectrum,
     build_sft_config,
-    check_config_keys,
-    check_output_dir,
-    check_precision,
     load_causal_lm,
     load_tokenizer,
     micro_batch_normaliser,
@@ -57,35 +54,15 @@ from common import (
     run_cli,
     save_finished_run,
     student_optimizer,
-    without_tied_missing_keys,
 )
-from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
-                       span_continuations, tokenize_row_for_logits)
-from distributed import check_launch, peak_memory_mib, place_teacher, print_memory_report, teacher_head_for_loss
-from data import (
-    CHATML_TEMPLATE,
-    check_dataset_path,
-    check_eval_size,
-    next_token_mask,
-    prepare_datasets,
-    rendered_texts,
-    wants_eval,
-)
-from losses import (
-    CROSS_TOKENIZER_METHODS,
-    DIVERGENCES,
-    add_distillation_forward,
-    add_hidden_states_forward,
-    check_head_matches_forward,
-    final_layer,
-    head_transform,
-    sorted_l1_top_k,
-    student_loss,
-    teacher_hidden_at_counted_positions,
-)
-from on_policy import NOT_MODEL_INPUTS, COMPLETION_LENGTHS, OnPolicySampler, PromptCollator, check_on_policy
-from offline import (CaptureRowCollator, TopKCapture, TopKCodec, capture_settings, check_capture_manifest, run_capture,
-                     with_row_index)
+from cross_tokenizer_loss import CROSS_TOKENIZER_METHODS
+from data import CHATML_TEMPLATE, next_token_mask, prepare_datasets, rendered_texts, wants_eval
+from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
+from distributed import check_launch, peak_memory_mib, print_memory_report
+from offline import CaptureRowCollator, capture_teacher, with_row_index
+from on_policy import COMPLETION_LENGTHS, OnPolicySampler, PromptCollator, check_on_policy, on_policy_parts
+from teacher_signal import (AlignedPairs, CapturedTopK, CrossTokenizerTeacher, InProcessTeacher, LossTerms, model_inputs,
+                            student_loss)
 
 config = {
     "project_name": "distil-logits",  # a label written into the saved config
@@ -168,37 +145,17 @@ config = {
 }
 
 
-# The keys main() reads, per section. A key missing from an edited `config` (or one it does not know) is one error
-# naming it and the nearest known key; `training` also takes any SFTConfig field. tests/ keep this equal to `config`.
-CONFIG_KEYS = {
-    "project_name": None,
-    "dataset": ("name", "split", "format", "num_samples", "eval_size", "eval_name", "eval_split", "seed",
-                "system_prompt"),
-    "models": ("teacher", "student"),
-    "tokenizer": ("max_length", "chat_template", "teacher_chat_template"),
-    "model_config": ("use_flash_attention", "student_dtype"),
-    "distillation": ("temperature", "alpha", "divergence", "beta", "skew", "loss_memory_mb", "cross_tokenizer",
-                     "hybrid_matched_weight", "hybrid_unmatched_weight"),
-    "on_policy": ("fraction", "max_new_tokens", "temperature", "top_p"),
-    "offline": ("mode", "capture_dir", "top_k", "capture_batch_size", "shard_rows"),
-    "spectrum": ("layers_to_unfreeze",),
-    "training": ("output_dir",),
-}
+# The keys main() reads, per section: a key missing from the config main() is given, or one it does not know, is one
+# error naming it and the nearest known key; `training` also takes any SFTConfig field.
+CONFIG_KEYS = config_keys(config)
 
 
-def validate(config: dict) -> None:
-    """Check the config's keys and the distillation settings once, before anything is loaded or written."""
-    check_config_keys(config, CONFIG_KEYS)
-    check_eval_size(config["dataset"]["eval_size"])
+def check_distillation(config: dict) -> None:
+    """The distillation, offline and on-policy settings and their combinations (validate_config checks the rest)."""
     distillation = config["distillation"]
-    if not isinstance(distillation["temperature"], (int, float)) or distillation["temperature"] <= 0:
-        raise ConfigError(f"distillation.temperature must be > 0, got {distillation['temperature']}.")
+    check_kd_settings(distillation)
     if not 0 <= distillation["alpha"] <= 1:
         raise ConfigError(f"distillation.alpha must be in [0, 1], got {distillation['alpha']} (0: SFT, 1: pure KD).")
-    if distillation["divergence"] not in DIVERGENCES:
-        raise ConfigError(
-            f"unknown divergence '{distillation['divergence']}'; choose one of {', '.join(DIVERGENCES)}."
-        )
     for key in ("beta", "skew"):
         if not 0 < distillation[key] < 1:
             raise ConfigError(f"distillation.{key} must be strictly between 0 and 1, got {distillation[key]}.")
@@ -222,212 +179,99 @@ def validate(config: dict) -> None:
     if not isinstance(offline["top_k"], int) or offline["top_k"] < 1:
         raise ConfigError(f"offline.top_k must be a positive integer, got {offline['top_k']!r}.")
     check_on_policy(config["on_policy"], config)
-    if config["tokenizer"]["max_length"] < 2:
-        raise ConfigError("tokenizer.max_length must be at least 2 (a token and the one it predicts).")
-    for key in ("name", "eval_name"):
-        if config["dataset"][key]:
-            check_dataset_path(config["dataset"][key])
-    check_precision(config)
-    check_output_dir(config)
 
 
-class LogitsTrainer(SFTTrainer):
-    """SFTTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE (the module docstring's formula).
+def validate(config: dict) -> None:
+    """Check the config's keys and settings once, before anything is loaded or written."""
+    validate_config(config, CONFIG_KEYS, check_distillation)
 
-    Neither model builds its (tokens, vocab) logits: the teacher runs its backbone only, and the student's forward
-    (patched by losses.add_distillation_forward) computes both terms chunk by chunk from the final hidden states
-    and the two output heads. TRL 1.x also patches the student's forward (a fused LM head used when called with
-    labels); the student is never given labels here, so that path is not taken.
-    """
 
-    # compute_loss normalises by the whole optimizer step's token count itself (num_items_in_batch).
-    loss_is_scaled_for_ga = True
+class LogitsTrainer(DistillationTrainer):
+    """DistillationTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE (the module docstring's
+    formula) against the teacher signal main chose: the teacher in this process, a capture, or a teacher on another
+    tokenizer. An on-policy run (`on_policy`) samples before the step's tokens are counted and trains on the sampled
+    micro-batches with KD alone."""
 
-    def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
-                 on_policy: OnPolicySampler | None = None, cross: dict | None = None, **kwargs):
+    def __init__(self, *args, on_policy: OnPolicySampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.on_policy = on_policy
-        self.distillation = distillation
-        self.cross = cross  # a teacher with another tokenizer: shared_ids and teacher_vocab (main)
-        if cross is not None:  # on the device once, not copied there at every chunk of every step
-            device = self.accelerator.device
-            self.cross = {**cross, "shared_ids": tuple(ids.to(device) for ids in cross["shared_ids"])}
-        self.vocab_size = vocab_size
-        self.capture_readers = capture_readers
-        self.teacher = self.teacher_head = None
-        self.teacher_transform = (1.0, None)
-        self.loss_log = LossPartLog(self.accelerator)
-        self.heads_checked = False
-        add_distillation_forward(self.model)
-        add_hidden_states_forward(self.model)  # for the head check at the first step
-        self.teacher_module = teacher
-        if teacher is not None and distillation["alpha"] > 0:
-            add_hidden_states_forward(teacher)  # before any wrapping, so the engines call the patched forward
-            self.teacher = place_teacher(teacher, self)
-            self.teacher_head = teacher_head_for_loss(teacher, self.accelerator.device)
-            self.teacher_transform = head_transform(teacher)
-            self.teacher_final_layer = final_layer(teacher)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        if not self.heads_checked:  # once, in the engine: the logits the loss builds are the model's own
-            row, mixed_precision = inputs["input_ids"][:1, :16], self.args.bf16 or self.args.fp16
-            check_head_matches_forward(model, self.model, row, "student", mixed_precision)
-            if self.teacher is not None:
-                teacher_row = inputs["teacher_input_ids"][:1, :16] if self.cross else row
-                check_head_matches_forward(self.teacher, self.teacher_module, teacher_row, "teacher", mixed_precision)
-            self.heads_checked = True
-        labels, capture_rows = inputs["labels"], inputs.get("capture_row")
-        student_inputs = {key: value for key, value in inputs.items()
-                          if key not in ("labels", "capture_row") + NOT_MODEL_INPUTS
-                          and not key.startswith(("teacher_", "student_"))}
-        student_inputs["use_cache"] = False
+        self.check_heads(model, inputs)
+        labels = inputs["labels"]
         batch_tokens = next_token_mask(labels).sum()
         if num_items_in_batch is None:
             num_items_in_batch = micro_batch_normaliser(batch_tokens, self, mode == "train")
-        teacher_hidden = stored_topk = cross = None
-        if self.teacher is not None and self.cross:
-            cross = self.cross_tokenizer_inputs(inputs)
-        elif self.teacher is not None:
-            teacher_hidden = teacher_hidden_at_counted_positions(self.teacher, student_inputs, labels,
-                                                                 self.teacher_final_layer)
-        elif self.capture_readers is not None:
-            stored_topk = self.capture_readers[mode].batch(capture_rows.tolist(), labels.device)
+        answer = self.teacher_answer(inputs, mode)
         alpha, distillation = self.distillation["alpha"], self.distillation
         sampled = COMPLETION_LENGTHS in inputs  # the student's own completions: KD alone, there is no ground truth
-        kd_weight, ce_weight = (1.0, 0.0) if sampled else (alpha, 1 - alpha)
-        outputs = student_loss(
-            model, student_inputs, labels,
-            teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, teacher_transform=self.teacher_transform,
-            stored_topk=stored_topk, cross_tokenizer=cross,
-            kd_weight=kd_weight, ce_weight=ce_weight, num_items_in_batch=num_items_in_batch,
-            divergence=distillation["divergence"], temperature=distillation["temperature"], vocab_size=self.vocab_size,
-            beta=distillation["beta"], skew=distillation["skew"], memory_budget_mb=distillation["loss_memory_mb"],
-        )
+        outputs = student_loss(model, model_inputs(inputs), labels, answer, LossTerms(
+            kd_weight=1.0 if sampled else alpha, ce_weight=0.0 if sampled else 1 - alpha,
+            num_items_in_batch=num_items_in_batch, divergence=distillation["divergence"],
+            temperature=distillation["temperature"], vocab_size=self.vocab_size,
+            memory_budget_mb=distillation["loss_memory_mb"], beta=distillation["beta"], skew=distillation["skew"]))
         parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
                      ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))
-        if cross is not None:  # share of the student's counted positions that have a teacher position
-            aligned = torch.as_tensor(cross["rows"].numel(), device=labels.device)
+        if isinstance(answer, AlignedPairs):  # share of the student's counted positions that have a teacher position
+            aligned = torch.as_tensor(answer.pairs["rows"].numel(), device=labels.device)
             parts["aligned_share"] = (aligned / batch_tokens.clamp(min=1), batch_tokens, batch_tokens)
-        if self.on_policy is not None:  # sampled and dataset batches logged apart; a part with no tokens is not logged
-            lengths = inputs[COMPLETION_LENGTHS].float() if sampled else batch_tokens.new_zeros(1).float()
-            parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens * (not sampled)),
-                         ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens * (not sampled)),
-                         kd_loss_on_policy=(outputs["kd_loss"], num_items_in_batch, batch_tokens * sampled),
-                         completion_length=(lengths.mean(), lengths.numel() * sampled, lengths.numel() * sampled))
-        self.loss_log.add(mode, self.state.global_step + 1, self.args.output_dir, **parts)
-        loss = outputs["loss"]
-        # DDP averages gradients over processes while num_items_in_batch counts every process's tokens.
-        if mode == "train" and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes
+        if self.on_policy is not None:  # sampled and dataset micro-batches are logged apart
+            parts = on_policy_parts(outputs, inputs, num_items_in_batch, batch_tokens)
+        self.log_parts(mode, **parts)
+        loss = self.scaled_for_processes(outputs["loss"], mode)
         return (loss, outputs) if return_outputs else loss
 
-    def cross_tokenizer_inputs(self, inputs: dict) -> dict:
-        """What `chunked_cross_tokenizer_kd` needs for a batch of `tokenize_row_for_logits` rows: the aligned pairs, the
-        following tokens of merged spans on both sides, and the teacher's final hidden states there (backbone only,
-        on its own tokens)."""
-        valid = inputs["student_positions"] >= 0
-        rows = valid.nonzero(as_tuple=True)[0]
-        teacher_positions = inputs["teacher_positions"][valid]
-        with torch.no_grad():
-            teacher_hidden = self.teacher(input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"],
-                                          use_cache=False, hidden_layers=[self.teacher_final_layer])[self.teacher_final_layer]
-        owner, continuation_rows, continuation_positions, targets = span_continuations(
-            rows, inputs["student_positions"][valid], inputs["student_span_tokens"][valid], inputs["input_ids"])
-        teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
-            rows, teacher_positions, inputs["teacher_span_tokens"][valid], inputs["teacher_input_ids"])
-        return {
-            "rows": rows, "positions": inputs["student_positions"][valid],
-            "merged": (inputs["student_span_tokens"][valid] > 1) | (inputs["teacher_span_tokens"][valid] > 1),
-            "continuation_owner": owner, "continuation_rows": continuation_rows,
-            "continuation_positions": continuation_positions, "continuation_targets": targets,
-            "teacher_hidden": teacher_hidden[rows, teacher_positions],
-            "teacher_continuation_hidden": teacher_hidden[teacher_rows, teacher_continuation],
-            "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
-            "teacher_head": self.teacher_head, "teacher_transform": self.teacher_transform,
-            "teacher_vocab": self.cross["teacher_vocab"], "shared_ids": self.cross["shared_ids"],
-            "method": self.distillation["cross_tokenizer"],
-            "top_k": sorted_l1_top_k(self.vocab_size, self.cross["teacher_vocab"]),
-            "matched_weight": self.distillation["hybrid_matched_weight"],
-            "unmatched_weight": self.distillation["hybrid_unmatched_weight"],
-        }
+    def step_micro_batches(self, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
+        if self.on_policy is None:
+            return super().step_micro_batches(epoch_iterator, num_batches, device)
+        return self.on_policy.step_micro_batches(self, epoch_iterator, num_batches, device)
 
     def log(self, logs: dict, start_time=None) -> None:
-        logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         if self.on_policy is not None and self.model.training:
             logs.update(self.on_policy.pop_speeds())
         super().log(logs, start_time)
 
-    # --- on-policy distillation (on_policy.py): sampled batches are built before the step's tokens are counted ---
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
-        """The Trainer's, except that the micro-batches that sample are replaced by the student's completions before
-        num_items_in_batch (N) is counted, so completions of any length weigh per token across the whole step."""
-        if self.on_policy is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        batches = self.on_policy.replace(batches, self.state.global_step, self.model_wrapped, self.accelerator, zero3,
-                                         self.accelerator.autocast)
-        return batches, self._get_num_items_in_batch(batches, device)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.on_policy is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        with self.on_policy.timing_training(inputs):
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        super()._issue_warnings_after_load(without_tied_missing_keys(self.model, load_result))
-
 
 def main(config: dict) -> LogitsTrainer:
-    """Validate, load, train, save. Returns the trainer (its state holds the logged kd_loss and ce_loss)."""
+    """Validate, load, train, save. Returns the trainer (its state holds the logged kd_loss and ce_loss), or the
+    capture's manifest (offline.mode: capture)."""
     validate(config)
-    distillation, training = config["distillation"], config["training"]
+    distillation, training, offline = config["distillation"], config["training"], config["offline"]
     patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
 
-    offline = config["offline"]
     tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
     use_teacher = distillation["alpha"] > 0 and offline["mode"] != "train"
-    vocab_size, cross = len(tokenizer), None
-    if use_teacher and distillation["cross_tokenizer"]:
+    cross = bool(use_teacher and distillation["cross_tokenizer"])
+    vocab_size = len(tokenizer)
+    if cross:
         # Any teacher tokenizer: each model renders the rows with its own template, positions are aligned by character.
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"])
-        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer},
-                             {"student": "tokenizer.chat_template"})
-        cross = {"shared_ids": shared_vocabulary(tokenizer, teacher_tokenizer), "teacher_vocab": len(teacher_tokenizer)}
-        print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {cross['shared_ids'][0].numel()} of the "
+        check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer})
+        shared_ids = shared_vocabulary(tokenizer, teacher_tokenizer)
+        print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {shared_ids[0].numel()} of the "
                     f"student's {vocab_size} tokens have an exact match among the teacher's {len(teacher_tokenizer)}")
     elif use_teacher:
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:
         raise ConfigError(f"offline.top_k={offline['top_k']} is larger than the vocabulary ({vocab_size} tokens).")
-    args = None
-    if offline["mode"] != "capture":
-        # Before any model loads: the training arguments register DeepSpeed's config with transformers, and only then
-        # does from_pretrained partition each model as it loads (zero.Init) instead of loading it whole per process.
-        # The capture runs the teacher whole on each process, so it builds none.
-        args = build_sft_config(
-            config,
-            max_length=config["tokenizer"]["max_length"],
-            eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
-        )
-        check_launch(args, "distil_logits.py")
-        from transformers.integrations import is_deepspeed_zero3_enabled
+    if offline["mode"] == "capture":  # store the teacher's top-k once (offline.py): no student, no training
+        return capture_teacher(config, tokenizer, vocab_size)
+    # Before any model loads: the training arguments register DeepSpeed's config with transformers, and only then does
+    # from_pretrained partition each model as it loads (zero.Init) instead of loading it whole per process.
+    args = build_sft_config(
+        config,
+        max_length=config["tokenizer"]["max_length"],
+        eval_strategy=training.get("eval_strategy", "no") if wants_eval(config["dataset"]) else "no",
+    )
+    check_launch(args, "distil_logits.py")
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-        if cross and is_deepspeed_zero3_enabled():
-            raise ConfigError("distillation.cross_tokenizer does not run under DeepSpeed ZeRO-3: its checkpointed chunks "
-                              "recompute the output heads in backward, after ZeRO-3 has partitioned them again. Use "
-                              "DDP, ZeRO-1/2 or FSDP.")
+    if cross and is_deepspeed_zero3_enabled():
+        raise ConfigError("distillation.cross_tokenizer does not run under DeepSpeed ZeRO-3: its checkpointed chunks "
+                          "recompute the output heads in backward, after ZeRO-3 has partitioned them again. Use "
+                          "DDP, ZeRO-1/2 or FSDP.")
     fraction = config["on_policy"]["fraction"]  # before the data: the template's end-of-turn token is checked here
     sampler = OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
                               args.seed) if fraction > 0 else None
@@ -443,31 +287,24 @@ def main(config: dict) -> LogitsTrainer:
     if fraction > 0 and eval_dataset is not None and len(eval_dataset) == 0:
         print_rank0("warning: no held-out row has an answer to evaluate on (prompt-only data); evaluation is off")
         eval_dataset, args.eval_strategy = None, "no"
-    splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
 
-    capture_readers = None
+    teacher_signal = collator = None
     if offline["mode"] == "train":
         # Offline: the teacher is never loaded; its top-k comes from the capture, checked against this run first.
-        capture = TopKCapture(offline["capture_dir"])
-        manifest = capture.manifest()
-        expected = capture_settings(config, tokenizer, manifest["vocab_size"] if manifest else vocab_size, splits)
-        check_capture_manifest(manifest, expected, capture.folder, for_training=True)
-        codec = TopKCodec(manifest["vocab_size"], manifest["top_k"])
-        capture_readers = {split: capture.load(split, dataset, codec) for split, dataset in splits.items()}
-        vocab_size = manifest["vocab_size"]
+        splits = {"train": train_dataset} if eval_dataset is None else {"train": train_dataset, "eval": eval_dataset}
+        teacher_signal = CapturedTopK.from_capture(config, tokenizer, vocab_size, splits)
+        vocab_size = teacher_signal.vocab_size
         train_dataset = train_dataset.map(with_row_index, with_indices=True, batched=True, desc="Numbering rows")
         if eval_dataset is not None:
             eval_dataset = eval_dataset.map(with_row_index, with_indices=True, batched=True, desc="Numbering rows")
-
+        collator = CaptureRowCollator(tokenizer.pad_token_id)
     before = peak_memory_mib()
     teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher else None
     if teacher is not None:
         print_memory_report("teacher loaded", before)
-    if offline["mode"] == "capture":
-        return run_capture(config, teacher, tokenizer, splits, vocab_size)
     student = load_causal_lm(config["models"]["student"], config)
     for name, model, size in (("student", student, vocab_size),
-                              ("teacher", teacher, cross["teacher_vocab"] if cross else vocab_size)):
+                              ("teacher", teacher, len(teacher_tokenizer) if cross else vocab_size)):
         if model is not None and output_vocab_size(model) < size:
             raise ConfigError(
                 f"the {name}'s output head has {output_vocab_size(model)} rows, fewer than the {size} tokens of "
@@ -475,25 +312,27 @@ def main(config: dict) -> LogitsTrainer:
             )
     if patterns:
         apply_spectrum(student, patterns)
+    if cross:
+        teacher_signal = CrossTokenizerTeacher(teacher, shared_ids, vocab_size, len(teacher_tokenizer), distillation)
+        collator = PairedCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+    elif teacher is not None:
+        teacher_signal = InProcessTeacher(teacher)
+    if sampler is not None:
+        collator = PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
 
     trainer = LogitsTrainer(
         model=student,
-        teacher=teacher,
-        capture_readers=capture_readers,
+        teacher_signal=teacher_signal,
         distillation=distillation,
         vocab_size=vocab_size,
-        cross=cross,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=student_optimizer(config, args),
-        data_collator=(CaptureRowCollator(tokenizer.pad_token_id) if capture_readers else
-                       PairedCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id) if cross else
-                       PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of) if fraction > 0 else None),
+        data_collator=collator,
         on_policy=sampler,
     )
-    print_rank0(f"training on {trainer.accelerator.num_processes} process(es), {trainer.accelerator.distributed_type}")
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
                                                                    training.get("overwrite_output_dir")))
     output_dir = save_finished_run(trainer, tokenizer, config)

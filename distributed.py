@@ -133,7 +133,7 @@ def place_teacher(teacher: torch.nn.Module, trainer) -> torch.nn.Module:
 def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
     """The placed teacher's output head as the chunked loss reads it.
 
-    Under FSDP2 the head's weight is a sharded DTensor, and losses.full_head_tensors would all-gather it at every
+    Under FSDP2 the head's weight is a sharded DTensor, and heads.full_head_tensors would all-gather it at every
     micro-step: vocabulary x hidden, 1.1 GB in bf16 at Qwen2-7B's shape, for one matrix product per counted token. The
     teacher is frozen, so one copy gathered here never goes stale; it costs that much memory per GPU for the whole
     run instead of the same traffic every micro-step (README, "FSDP2 and the teacher's head"). Every process calls

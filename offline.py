@@ -21,15 +21,15 @@ from common import ConfigError, freeze_for_inference, print_rank0
 from alignment import tokens_by_id
 from data import counted_positions
 from distributed import check_launcher_processes
-from losses import (
+from heads import (
     add_hidden_states_forward,
     check_head_matches_forward,
     final_layer,
     head_logits,
     head_transform,
     teacher_hidden_at_counted_positions,
-    topk_distribution,
 )
+from losses import topk_distribution
 
 CAPTURE_FORMAT_VERSION = 1
 
@@ -426,3 +426,19 @@ class CaptureRowCollator:
         batch = self.collate([{key: example[key] for key in ("input_ids", "labels")} for example in examples])
         batch["capture_row"] = torch.tensor([example["capture_row"] for example in examples])
         return batch
+
+
+def capture_teacher(config: dict, tokenizer, vocab_size: int) -> dict:
+    """`offline.mode: capture` from start to end (distil_logits.main hands over after checking the config and the
+    tokenizers): tokenize the data exactly as training from the capture will, load the teacher, and `run_capture`.
+    Returns the manifest."""
+    from common import load_causal_lm
+    from data import prepare_datasets
+    from distributed import peak_memory_mib, print_memory_report
+
+    train, evaluation, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
+    splits = {"train": train} if evaluation is None else {"train": train, "eval": evaluation}
+    before = peak_memory_mib()
+    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False)
+    print_memory_report("teacher loaded", before)
+    return run_capture(config, teacher, tokenizer, splits, vocab_size)

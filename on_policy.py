@@ -4,8 +4,9 @@ minimises the per-token divergence on exactly those tokens (KD alone: there is n
 
 What lives here is mechanics, shared by nothing else: which micro-batches sample (decided from the seed, the same on
 every process and after a resume), the collator that carries each row's prompt, batched KV-cache generation with the
-student in eval mode (ZeRO-3 parameters gathered once per generation), and the re-labelled batch. distil_logits.py
-owns the `on_policy` config block and the few trainer lines that call this.
+student in eval mode (ZeRO-3 parameters gathered once per generation), the re-labelled batch, the optimizer step's
+micro-batches as the trainer takes them (`OnPolicySampler.step_micro_batches`) and the loss parts it logs
+(`on_policy_parts`). distil_logits.py owns the `on_policy` config block and the few trainer lines that call this.
 """
 
 from __future__ import annotations
@@ -203,8 +204,24 @@ class OnPolicySampler:
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.seed = seed
-        self.sampled_tokens = self.trained_tokens = 0
-        self.sampling_seconds = self.training_seconds = 0.0
+        self.sampled_tokens = 0
+        self.sampling_seconds = 0.0
+
+    def step_micro_batches(self, trainer, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
+        """The Trainer's get_batch_samples, except that the micro-batches that sample are replaced by the student's
+        completions before num_items_in_batch (N) is counted, so completions of any length weigh per token across
+        the whole step."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        accelerator = trainer.accelerator
+        zero3 = trainer.is_deepspeed_enabled and accelerator.state.deepspeed_plugin.zero_stage == 3
+        batches = self.replace(batches, trainer.state.global_step, trainer.model_wrapped, accelerator, zero3,
+                               accelerator.autocast)
+        return batches, trainer._get_num_items_in_batch(batches, device)
 
     def replace(self, batches: list[dict], step: int, model_wrapped, accelerator, zero3: bool, autocast) -> list[dict]:
         """`batches` with every sampled one re-built from the student's completions; the prompt keys are dropped from
@@ -229,24 +246,24 @@ class OnPolicySampler:
             out.append({key: value.to(batch["input_ids"].device) for key, value in sampled.items()})
         return out
 
-    @contextlib.contextmanager
-    def timing_training(self, inputs: dict):
-        """Count one micro-step's forward and backward (teacher included) towards the training tokens/s."""
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the backward is asynchronous on a GPU
-        self.training_seconds += time.perf_counter() - start
-        self.trained_tokens += int(inputs["attention_mask"].sum())
-
     def pop_speeds(self) -> dict[str, float]:
-        """This process's sampling and training tokens/s since the last log (sampled completion tokens per second of
-        generate; non-padding tokens per second of forward and backward), then reset."""
+        """This process's sampling tokens/s since the last log (sampled completion tokens per second of generate),
+        then reset. The trainer logs the training tokens/s in every mode."""
         speeds = {}
         if self.sampling_seconds > 0:
             speeds["sampling_tokens_per_second"] = self.sampled_tokens / self.sampling_seconds
-        if self.training_seconds > 0:
-            speeds["training_tokens_per_second"] = self.trained_tokens / self.training_seconds
-        self.sampled_tokens = self.trained_tokens = 0
-        self.sampling_seconds = self.training_seconds = 0.0
+        self.sampled_tokens = 0
+        self.sampling_seconds = 0.0
         return speeds
+
+
+def on_policy_parts(outputs: dict, inputs: dict, num_items_in_batch, batch_tokens: torch.Tensor) -> dict:
+    """The loss parts of a micro-batch in an on-policy run (common.LossPartLog's name -> (value, normaliser, items)):
+    sampled and dataset micro-batches are logged apart (kd_loss_on_policy against kd_loss and ce_loss), and a part
+    with no tokens in the logging interval is left out; completion_length is the mean sampled tokens per row."""
+    sampled = COMPLETION_LENGTHS in inputs
+    lengths = inputs[COMPLETION_LENGTHS].float() if sampled else batch_tokens.new_zeros(1).float()
+    return dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens * (not sampled)),
+                ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens * (not sampled)),
+                kd_loss_on_policy=(outputs["kd_loss"], num_items_in_batch, batch_tokens * sampled),
+                completion_length=(lengths.mean(), lengths.numel() * sampled, lengths.numel() * sampled))

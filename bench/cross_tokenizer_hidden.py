@@ -256,7 +256,7 @@ def main() -> None:
             else:
                 config = student_config(paths, label, seed, distil_hidden, same, **overrides)
                 if template != "default":
-                    config["tokenizer"]["student_chat_template"] = template
+                    config["tokenizer"]["chat_template"] = template
                 if args.diagnose:
                     import hidden_diagnostics
                     trainer = hidden_diagnostics.run_with_diagnostics(config)

@@ -50,6 +50,7 @@ import data  # noqa: E402
 import demo_data  # noqa: E402
 import losses  # noqa: E402
 import distil_logits  # noqa: E402
+from teacher_signal import InProcessTeacher  # noqa: E402
 
 OUTPUT = os.path.join(HERE, "output")
 CACHE = os.path.join(OUTPUT, "e2e_cache")
@@ -128,7 +129,8 @@ def make_trainer(run: dict, train_dataset, tokenizer, vocab_size: int):
     student = common.load_causal_lm(run["models"]["student"], run)
     teacher = common.load_causal_lm(run["models"]["teacher"], run, trainable=False) if use_teacher else None
     args = common.build_sft_config(run, max_length=run["tokenizer"]["max_length"], eval_strategy="no")
-    return distil_logits.LogitsTrainer(model=student, teacher=teacher, distillation=run["distillation"],
+    return distil_logits.LogitsTrainer(model=student, distillation=run["distillation"],
+                                       teacher_signal=None if teacher is None else InProcessTeacher(teacher),
                                        vocab_size=vocab_size, args=args, train_dataset=train_dataset,
                                        processing_class=tokenizer)
 

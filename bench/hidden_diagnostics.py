@@ -92,8 +92,7 @@ def teacher_scale_report(trainer, batches: int = 2) -> dict:
     for _ in range(batches):
         batch = next(loader)
         rows, _, teacher_positions = trainer.aligned_positions(batch)
-        student_inputs = {k: v for k, v in batch.items() if k not in distil_hidden.PAIRED_KEYS and k != "labels"}
-        hidden = trainer.teacher_hidden_states(batch, student_inputs)
+        hidden = trainer.teacher_hidden_states(batch)
         for _, layer in trainer.layer_pairs:
             sums[layer] = sums.get(layer, 0.0) + hidden[layer][rows, teacher_positions].float().pow(2).mean(-1).sum().item()
         count += rows.numel()

@@ -19,7 +19,8 @@ targets (T,); float32 on the CPU, bf16 on CUDA):
   floor             only the matrix products of the chunked loss, same chunk size: per chunk the student and teacher
                     logits, then grad_hidden = g @ W and grad_W += g^T @ h with g = the student logits; no softmax
   cross_uld, cross_hybrid (+ _topk)   only with --variants: distillation.cross_tokenizer's loss (chunked CE plus
-                    losses.chunked_cross_tokenizer_kd, autograd with a checkpoint per chunk) over T aligned 1:1 pairs
+                    cross_tokenizer_loss.chunked_cross_tokenizer_kd, autograd with a checkpoint per chunk) over T
+                    aligned 1:1 pairs
 
 Peak memory: CUDA: torch.cuda.max_memory_allocated minus the allocated memory before the step. CPU: peak resident set
 size (VmHWM, reset by writing 5 to /proc/self/clear_refs, or a 1 ms sampling thread where that is not allowed) minus
@@ -238,6 +239,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
     import torch
     import torch.nn.functional as F
 
+    import cross_tokenizer_loss
     import losses
 
     hs, ws, ht, wt, targets = (inputs[k] for k in ("student_hidden", "student_weight", "teacher_hidden",
@@ -311,9 +313,9 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
                      "vocab_chunk": chunked_divergence.VOCAB_CHUNK_SIZE}
 
     if name.startswith("cross_"):
-        # distillation.cross_tokenizer: the chunked CE (no KD) + losses.chunked_cross_tokenizer_kd over T aligned 1:1
-        # pairs, both vocabularies V; hybrid: the first half of the ids matched exactly. cross_*_topk: the sorted L1 on
-        # the top 256 of each distribution (+ the tails' mass difference) instead of a full sort.
+        # distillation.cross_tokenizer: the chunked CE (no KD) + cross_tokenizer_loss.chunked_cross_tokenizer_kd over T
+        # aligned 1:1 pairs, both vocabularies V; hybrid: the first half of the ids matched exactly. cross_*_topk: the
+        # sorted L1 on the top 256 of each distribution (+ the tails' mass difference) instead of a full sort.
         method, top_k = name.split("_")[1], 256 if name.endswith("_topk") else None
         from common import return_large_frees_to_the_system
 
@@ -332,11 +334,11 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
         def run():
             loss, _kd, ce = losses.chunked_distillation_loss(hs, student_head, None, None, targets, 0.0, ce_weight,
                                                              memory_budget_mb=budget)
-            kd = losses.chunked_cross_tokenizer_kd(hs[None], student_head, cross, temperature, vocab, divergence, 0.5,
-                                                   0.1, budget)
+            kd = cross_tokenizer_loss.chunked_cross_tokenizer_kd(hs[None], student_head, cross, temperature, vocab,
+                                                                 divergence, 0.5, 0.1, budget)
             return loss + kd_weight * kd * temperature**2 / hs.shape[0]
 
-        return run, {"chunk_tokens": losses.cross_tokenizer_chunk_tokens(vocab, budget)}
+        return run, {"chunk_tokens": cross_tokenizer_loss.cross_tokenizer_chunk_tokens(vocab, budget)}
 
     if name == "floor":
         floor = floor_function()

@@ -5,9 +5,11 @@ refactoring changed no arithmetic (compare the output before and after; it must 
     python scripts/weights_fingerprint.py --json out.json
 
 Runs (tiny models and data built in-process, the test suite's recipe, CPU, one thread, float32):
-logits forward_kl / reverse_kl / jsd at T=2; SFT (alpha 0); offline capture then training from it; hidden-state
-distillation with a shared tokenizer plus the logit term, and across two tokenizers. Each is 2 SGD steps of
-2 accumulated micro-batches, so accumulation and normalisation are exercised too.
+logits forward_kl / reverse_kl / jsd at T=2; SFT (alpha 0); offline capture then training from it; on-policy
+(fraction 0.5 and 1, reverse KL at T=1, so sampled and dataset micro-batches both occur); logit KD across tokenizers
+(cross_tokenizer uld and hybrid, a teacher on another tokenizer); hidden-state distillation with a shared tokenizer
+plus the logit term, and across two tokenizers. Each is 2 SGD steps of 2 accumulated micro-batches, so accumulation
+and normalisation are exercised too.
 """
 
 from __future__ import annotations
@@ -103,6 +105,18 @@ def main() -> None:
         offline = copy.deepcopy(capture)
         offline["offline"]["mode"] = "train"
         run("logits_offline", distil_logits, offline)
+
+        for fraction in (0.5, 1.0):
+            on_policy = tiny_config(assets, "", temperature=1.0, alpha=0.5, divergence="reverse_kl")
+            on_policy["on_policy"].update(fraction=fraction, max_new_tokens=8)
+            run(f"logits_on_policy_{fraction:g}", distil_logits, on_policy)
+
+        # A teacher on its own tokenizer (tokenizer B below), as tests/test_cross_tokenizer.py builds it.
+        teacher_b = _tiny_model(os.path.join(root, "teacher_b"), os.path.join(root, "tokenizer_b"), "qwen2", 64, 3, 320,
+                                seed=1)
+        for method in ("uld", "hybrid"):
+            run(f"logits_cross_{method}", distil_logits,
+                tiny_config({**assets, "teacher": teacher_b}, "", temperature=2.0, alpha=0.5, cross_tokenizer=method))
 
         def hidden(student: str, **distillation) -> dict:
             config = copy.deepcopy(distil_hidden.config)

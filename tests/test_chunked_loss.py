@@ -232,7 +232,7 @@ def test_a_head_transform_the_loss_does_not_know_is_refused(assets):
     from transformers import AutoModelForCausalLM
 
     from common import ConfigError
-    from losses import add_hidden_states_forward, check_head_matches_forward
+    from heads import add_hidden_states_forward, check_head_matches_forward
 
     class ScaledHead(torch.nn.Linear):
         def forward(self, x):
@@ -245,7 +245,7 @@ def test_a_head_transform_the_loss_does_not_know_is_refused(assets):
     scaled = ScaledHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
     scaled.weight = model.lm_head.weight
     model.lm_head = scaled
-    with pytest.raises(ConfigError, match="student's logits differ .* losses.head_transform"):
+    with pytest.raises(ConfigError, match="student's logits differ .* heads.head_transform"):
         check_head_matches_forward(model, model, ids, "student")
 
 
@@ -264,7 +264,8 @@ def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from losses import add_distillation_forward, add_hidden_states_forward, student_loss, teacher_hidden_at_counted_positions
+    from heads import add_hidden_states_forward, teacher_hidden_at_counted_positions
+    from teacher_signal import LossTerms, TeacherHidden, add_distillation_forward, student_loss
 
     # float64 backbones: packed and padded attention then differ by summation order only (~1e-15 relative), where
     # float32 sdpa differs by ~1e-7 per hidden value, and a KL of 0.01 built from log-probabilities of size ~6
@@ -285,9 +286,9 @@ def test_packed_batch_gives_the_same_loss_as_padded_rows(assets):
         with torch.no_grad():
             teacher_hidden = teacher_hidden_at_counted_positions(teacher, batch, labels, 3)
             return student_loss(
-                student, batch, labels, teacher_hidden=teacher_hidden, teacher_head=teacher.get_output_embeddings(),
-                teacher_transform=(1.0, None), kd_weight=0.5, ce_weight=0.5, num_items_in_batch=30,
-                divergence="forward_kl", temperature=2.0, vocab_size=assets["vocab"], memory_budget_mb=512)
+                student, batch, labels, TeacherHidden(teacher_hidden, teacher.get_output_embeddings(), (1.0, None)),
+                LossTerms(kd_weight=0.5, ce_weight=0.5, num_items_in_batch=30, divergence="forward_kl",
+                          temperature=2.0, vocab_size=assets["vocab"], memory_budget_mb=512))
 
     padded = loss_of(DataCollatorForLanguageModeling(pad_token_id=0)(rows))
     packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)

@@ -17,8 +17,9 @@ from transformers import PreTrainedTokenizerFast
 import distil_logits
 from alignment import align_next_tokens, shared_vocabulary, span_continuations, token_texts
 from common import ConfigError
-from losses import (chunked_cross_tokenizer_kd, cross_tokenizer_divergence, cross_tokenizer_loss,
-                    logit_distillation_loss, sorted_l1)
+from cross_tokenizer_loss import (chunked_cross_tokenizer_kd, cross_tokenizer_chunk_tokens, cross_tokenizer_divergence,
+                                  cross_tokenizer_loss, sorted_l1)
+from losses import logit_distillation_loss
 
 
 def test_sorted_l1_matches_a_direct_formula():
@@ -133,9 +134,7 @@ def test_chunked_path_equals_the_full_logit_reference(method):
              "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": 17, "shared_ids": shared,
              "method": method, "top_k": None, "matched_weight": 0.6, "unmatched_weight": 1.4,
              "student_transform": (1.0, None)}
-    import losses
-
-    assert losses.cross_tokenizer_chunk_tokens(17, 1e-3) == 16  # a tiny budget: the smallest chunk, 3 chunks here
+    assert cross_tokenizer_chunk_tokens(17, 1e-3) == 16  # a tiny budget: the smallest chunk, 3 chunks here
     chunked = chunked_cross_tokenizer_kd(hidden, student_head, cross, temperature, 13, "forward_kl", 0.5, 0.1, 1e-3)
     chunked_grads = torch.autograd.grad(chunked, (hidden, student_head.weight))
 

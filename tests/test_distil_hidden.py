@@ -22,7 +22,8 @@ import distil_hidden
 from alignment import PairedCollator, align_tokenizations, same_next_token, token_boundaries, tokenize_row_pair
 from common import ConfigError
 from data import CHATML_TEMPLATE, tokenize_row
-from losses import add_hidden_states_forward, hidden_state_loss
+from heads import add_hidden_states_forward
+from losses import hidden_state_loss
 from projections import build_projections, load_projections, resolve_layer_map, uniform_layer_map
 
 
@@ -296,7 +297,7 @@ def test_student_renders_as_in_distil_logits_by_default():
     different texts, and their held-out CEs (per token of different renderings) were compared as if alike."""
     import distil_logits
 
-    assert distil_hidden.config["tokenizer"]["student_chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
+    assert distil_hidden.config["tokenizer"]["chat_template"] == distil_logits.config["tokenizer"]["chat_template"]
 
 
 def test_teacher_returns_only_the_mapped_hidden_states(assets):

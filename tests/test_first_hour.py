@@ -193,9 +193,41 @@ def test_ctrl_c_in_a_real_run(assets, tmp_path):
 
 
 @pytest.mark.parametrize("script", [distil_logits, distil_hidden])
-def test_config_keys_list_exactly_the_default_config(script):
-    check_config_keys(script.config, script.CONFIG_KEYS)  # missing or extra keys either way raise
-    assert {key for key in script.CONFIG_KEYS if key != "training"} <= set(script.config)
+def test_config_keys_come_from_the_config_dict(script):
+    """CONFIG_KEYS is derived from the script's dict: the dict passes; a key dropped from or added to any section is
+    refused; `training` needs only output_dir and takes any SFTConfig field."""
+    check_config_keys(script.config, script.CONFIG_KEYS)
+    for section, value in script.config.items():
+        if not isinstance(value, dict) or section == "training":
+            continue
+        edited = json.loads(json.dumps(script.config))
+        edited[section].pop(next(iter(value)))
+        with pytest.raises(ConfigError, match=rf"config key '{section}\.{next(iter(value))}' is missing"):
+            check_config_keys(edited, script.CONFIG_KEYS)
+        edited[section].update(next_key=1, **value)
+        with pytest.raises(ConfigError, match=rf"unknown config key '{section}\.next_key'"):
+            check_config_keys(edited, script.CONFIG_KEYS)
+    edited = json.loads(json.dumps(script.config))
+    edited["training"] = {"output_dir": "out", "max_grad_norm": 0.5}
+    check_config_keys(edited, script.CONFIG_KEYS)
+    edited["training"].pop("output_dir")
+    with pytest.raises(ConfigError, match="'training.output_dir' is missing"):
+        check_config_keys(edited, script.CONFIG_KEYS)
+
+
+def test_the_old_template_key_names_the_new_one(assets, tmp_path):
+    """distil_hidden.py's tokenizer.student_chat_template is tokenizer.chat_template now, as in distil_logits.py: a
+    config or an override file that still uses the old name gets one line naming the new key."""
+    config = tiny_config(assets, str(tmp_path / "out"), distil_hidden)
+    config["tokenizer"]["student_chat_template"] = config["tokenizer"].pop("chat_template")
+    with pytest.raises(ConfigError, match=r"^config key 'tokenizer\.student_chat_template' is now called "
+                                          r"'tokenizer\.chat_template'\. Rename it in your config\.$"):
+        distil_hidden.main(config)
+    path = tmp_path / "old.yaml"
+    path.write_text("tokenizer:\n  student_chat_template: null\n")
+    with pytest.raises(ConfigError, match="is now called 'tokenizer.chat_template'"):
+        load_overrides(distil_hidden.config, ["--config", str(path)])
+    assert not os.path.exists(tmp_path / "out")
 
 
 def nothing_loaded(monkeypatch):
@@ -330,7 +362,7 @@ def test_readme_override_file_merges_into_the_script_config(tmp_path):
     path.write_text(blocks[0])
     merged = load_overrides(distil_logits.config, ["--config", str(path)])
     assert merged != distil_logits.config
-    distil_logits.check_config_keys(merged, distil_logits.CONFIG_KEYS)
+    check_config_keys(merged, distil_logits.CONFIG_KEYS)
 
 
 def test_every_yaml_block_in_the_docs_is_a_valid_override(tmp_path):
@@ -411,3 +443,14 @@ def test_deepspeed_accelerator_line_is_silenced_on_the_cpu():
 
     assert "Setting accelerator to CPU" in output_of("import deepspeed")  # what every run printed before
     assert "Setting accelerator" not in output_of("import common, deepspeed")
+
+
+@pytest.mark.parametrize("script,part", [(distil_logits, "kd_loss"), (distil_hidden, "hidden_loss")])
+def test_start_names_the_rows_per_step_and_the_log_has_tokens_per_second(assets, tmp_path, capsys, script, part):
+    """A run says at start how many rows an optimizer step trains (per-device batch x gradient_accumulation_steps x
+    processes), and every training log carries this process's training_tokens_per_second, in every mode."""
+    trainer = script.main(tiny_config(assets, str(tmp_path / "out"), script))
+    assert ("an optimizer step is 2 rows per device x 2 micro-batches (gradient_accumulation_steps) x 1 process(es) "
+            "= 4 rows") in capsys.readouterr().out
+    logs = [log for log in trainer.state.log_history if part in log and "eval_" + part not in log]
+    assert len(logs) == 3 and all(log["training_tokens_per_second"] > 0 for log in logs)

@@ -1,7 +1,8 @@
 """Several processes on the CPU (gloo): 2-process DDP matches a 1-process run with the same global batch (loss
 trajectory and final weights), also when the Trainer passes no num_items_in_batch (a model with
 accepts_loss_kwargs=False, normalised per micro-batch), and 2-process DeepSpeed ZeRO-3 with the shipped config partitions the teacher on
-each process, trains to the same losses and saves one consolidated student that loads with from_pretrained."""
+each process, trains to the same losses and saves one consolidated student that loads with from_pretrained; under
+ZeRO-3 the start-up head check runs too, and refuses a teacher whose logits are not its head's."""
 
 import json
 import os
@@ -132,3 +133,48 @@ def test_ddp_without_num_items_in_batch_matches_one_process(assets, tmp_path, mo
     log = launch(["--multi_gpu", "--num_processes", "2"], path, script=str(launcher))
     assert "training on 2 process(es)" in log
     assert_same_run(ddp_config["training"]["output_dir"], config["training"]["output_dir"], 1e-5)
+
+
+# distil_logits.py with a teacher whose forward scales its logits after the head (something heads.head_transform does
+# not know): the start-up head check must refuse it, under ZeRO-3 as in every engine.
+WRONG_HEAD_LAUNCHER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import distil_logits
+from common import run_cli
+
+load_causal_lm = distil_logits.load_causal_lm
+
+
+class ScaledHead(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.7
+
+
+def load_with_a_scaled_teacher_head(name, config, trainable=True):
+    model = load_causal_lm(name, config, trainable)
+    if not trainable:
+        model.get_output_embeddings().__class__ = ScaledHead
+    return model
+
+
+distil_logits.load_causal_lm = load_with_a_scaled_teacher_head
+run_cli(distil_logits.main, distil_logits.config)
+"""
+
+
+def test_zero3_head_check_refuses_a_wrong_teacher_head(assets, tmp_path):
+    """The student's check passes through ZeRO-3's gathering, then the teacher's (in its own engine) finds the factor
+    1.7 and stops the run in one line before the first optimizer step; skipping the check under ZeRO-3 would train."""
+    config, path = overrides_file(assets, tmp_path, "zero3_wrong_head", accumulation=2)
+    launcher = tmp_path / "distil_logits_wrong_head.py"
+    launcher.write_text(WRONG_HEAD_LAUNCHER.format(root=ROOT))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2", str(launcher), "--config", path]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "error: the teacher's logits differ from its final hidden state" in result.stderr, result.stderr[-3000:]
+    assert "training on 2 process(es), DistributedType.DEEPSPEED" in result.stdout + result.stderr
+    assert not os.path.exists(os.path.join(config["training"]["output_dir"], "model.safetensors"))

@@ -135,7 +135,7 @@ def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, mo
     assert len(logs) == 2 and all("kd_loss" not in log and "ce_loss" not in log for log in logs)
     assert all(0 < log["completion_length"] <= 6 and log["sampling_tokens_per_second"] > 0 for log in logs)
     assert len(generated) == len(built) == 4  # 2 steps x 2 micro-batches, every one sampled
-    # The first two teacher calls are the head check (losses.check_head_matches_forward); then one per micro-batch.
+    # The first two teacher calls are the head check (heads.check_head_matches_forward); then one per micro-batch.
     assert len(teacher_inputs) == 2 + 4
     for (prompt_ids, prompt_mask, completions), batch, seen in zip(generated, built, teacher_inputs[2:]):
         assert torch.equal(seen.cpu(), batch["input_ids"])

@@ -11,14 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from data import CHATML_TEMPLATE, next_token_mask, tokenize_row
-from losses import (
-    add_distillation_forward,
-    add_hidden_states_forward,
-    final_layer,
-    head_transform,
-    student_loss,
-    teacher_hidden_at_counted_positions,
-)
+from heads import add_hidden_states_forward, final_layer, head_transform, teacher_hidden_at_counted_positions
+from teacher_signal import LossTerms, TeacherHidden, add_distillation_forward, student_loss
 
 
 def flash_attention_missing() -> str | None:
@@ -46,10 +40,10 @@ def losses_of(batch, student, teacher, vocab_size):
     teacher_hidden = teacher_hidden_at_counted_positions(teacher, batch, labels, final_layer(teacher))
     with torch.no_grad():
         outputs = student_loss(
-            student, dict(batch), labels, teacher_hidden=teacher_hidden, teacher_head=teacher.get_output_embeddings(),
-            teacher_transform=head_transform(teacher), kd_weight=0.5, ce_weight=0.5,
-            num_items_in_batch=next_token_mask(labels).sum(), divergence="forward_kl", temperature=2.0,
-            vocab_size=vocab_size, memory_budget_mb=16,
+            student, dict(batch), labels, TeacherHidden(teacher_hidden, teacher.get_output_embeddings(),
+                                                        head_transform(teacher)),
+            LossTerms(kd_weight=0.5, ce_weight=0.5, num_items_in_batch=next_token_mask(labels).sum(),
+                      divergence="forward_kl", temperature=2.0, vocab_size=vocab_size, memory_budget_mb=16),
         )
     return outputs["kd_loss"].float().item(), outputs["ce_loss"].float().item(), int(next_token_mask(labels).sum())
 
