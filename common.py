@@ -133,11 +133,11 @@ def check_config_keys(config: dict, schema: dict, path: str = "") -> None:
             check_renamed_key(f"{path}{key}")
             known = set(schema) | (training_keys() if path == "training." else set())
             raise ConfigError(f"unknown config key '{path}{key}'.{did_you_mean(key, known)} Fix it in the `config` "
-                              "dict (the README's config table lists every key).")
+                              "dict (docs/config.md lists every key).")
     for key, keys in schema.items():
         if key not in config:
             raise ConfigError(f"config key '{path}{key}' is missing.{did_you_mean(key, config)} Add it back to the "
-                              "`config` dict (the README's config table lists every key and its default).")
+                              "`config` dict (docs/config.md lists every key and its default).")
         if keys is not None:
             check_config_keys(config[key], {name: None for name in keys}, f"{path}{key}.")
 
@@ -485,8 +485,8 @@ def return_large_frees_to_the_system() -> None:
     Under ZeRO-3 each layer is gathered to full size, used and freed, while loading and at every forward. glibc raises
     its mmap threshold to the size of the first large buffer freed (up to 32 MiB), so later layer-sized buffers come
     from the heap, where freed ones stay resident between live shards: measured +0.15x the teacher's float32 size per
-    rank on top of its half shard with 2 processes (bench/zero3_memory.py, README). A fixed threshold (glibc's initial
-    128 KiB) keeps each large buffer in its own mapping, unmapped when freed.
+    rank on top of its half shard with 2 processes (bench/zero3_memory.py, docs/performance.md). A fixed threshold
+    (glibc's initial 128 KiB) keeps each large buffer in its own mapping, unmapped when freed.
     """
     import ctypes
 

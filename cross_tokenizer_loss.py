@@ -20,7 +20,7 @@ CROSS_TOKENIZER_METHODS = ("uld", "hybrid")
 # The sorted L1 compares the top SORTED_L1_TOP_K of each distribution (plus the tails' mass difference) once a
 # vocabulary is larger than 16x that: with a full sort of 32k entries per position the loss took 6.1x, then 3.9x the
 # same-tokenizer kernel's time, with the top 256 2.6x, then 3.3x (two runs of bench/loss_bench.py on a shared machine,
-# README). Smaller vocabularies are sorted whole.
+# docs/cross-tokenizer.md). Smaller vocabularies are sorted whole.
 SORTED_L1_TOP_K = 256
 
 

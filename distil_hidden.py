@@ -1,10 +1,10 @@
 """Hidden-state distillation: a student learns to reproduce a teacher's hidden states (through one trained projection
 per mapped layer pair), mixed with the usual cross-entropy. Teacher and student may differ in architecture, hidden
 size, layer count and tokenizer: with two tokenizers, hidden states are compared only where both tokenizations end a
-token at the same character of a trained span (see README, "Hidden-state distillation").
+token at the same character of a trained span (see docs/hidden-states.md).
 
     python distil_hidden.py                                   # one GPU (or the CPU), the inline `config` below
-    accelerate launch --multi_gpu --num_processes 8 distil_hidden.py   # 8 GPUs, DDP (keep --multi_gpu: README)
+    accelerate launch --multi_gpu --num_processes 8 distil_hidden.py   # 8 GPUs, DDP (keep --multi_gpu: docs/hardware.md)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_hidden.py   # DeepSpeed ZeRO-3
     python distil_hidden.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)

@@ -2,7 +2,7 @@
 mixed with the usual cross-entropy. Teacher and student share a tokenizer, or distillation.cross_tokenizer is set.
 
     python distil_logits.py                                   # one GPU (or the CPU), the inline `config` below
-    accelerate launch --multi_gpu --num_processes 8 distil_logits.py   # 8 GPUs, DDP (keep --multi_gpu: README)
+    accelerate launch --multi_gpu --num_processes 8 distil_logits.py   # 8 GPUs, DDP (keep --multi_gpu: docs/hardware.md)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_logits.py   # DeepSpeed ZeRO-3
     python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python distil_logits.py --config capture.yaml             # offline.mode: capture -> store the teacher's top-k once
@@ -28,11 +28,12 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
 - On-policy (`on_policy.fraction` > 0, on_policy.py): a sampled micro-batch replaces each row's last answer by the
   student's own completion of the prompt; its loss is KD alone (no ground truth for CE) on the completion tokens,
-  with the same N (the step's counted tokens, completions included). Reverse KL at T = 1 is recommended (README).
+  with the same N (the step's counted tokens, completions included). Reverse KL at T = 1 is recommended
+  (docs/on-policy.md).
 - A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
   i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
   vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
-  N and CE are as above (cross_tokenizer_loss.cross_tokenizer_divergence; README, "Logit distillation across tokenizers").
+  N and CE are as above (cross_tokenizer_loss.cross_tokenizer_divergence; docs/cross-tokenizer.md).
 """
 
 import torch
@@ -100,9 +101,9 @@ config = {
         "beta": 0.5,  # jsd only: mixture weight of the teacher, in (0, 1); 0.5 is the symmetric JSD
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # MB per GPU for the loss's logit chunks and temporaries; lower it if the loss runs out of memory
-        "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (README)
+        "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (docs/cross-tokenizer.md)
         "hybrid_matched_weight": 1.0,  # hybrid: weight of the divergence on the exact-match shared vocabulary
-        "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 on the rest (and at merged spans); measured, README
+        "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 on the rest (and at merged spans); measured, docs/cross-tokenizer.md
     },
     "on_policy": {
         "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
@@ -277,7 +278,8 @@ def main(config: dict) -> LogitsTrainer:
                               args.seed) if fraction > 0 else None
     if cross:
         # The chunk loop allocates and frees (chunk, vocabulary) buffers; with glibc's adaptive threshold they are
-        # served from the heap and its high-water mark grows with the pairs per step (measured; README).
+        # served from the heap and its high-water mark grows with the pairs per step (measured:
+        # docs/cross-tokenizer.md, "Memory and time").
         return_large_frees_to_the_system()
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
                                                                  config["tokenizer"]["max_length"], tokenize_row_for_logits)

@@ -136,9 +136,9 @@ def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
     Under FSDP2 the head's weight is a sharded DTensor, and heads.full_head_tensors would all-gather it at every
     micro-step: vocabulary x hidden, 1.1 GB in bf16 at Qwen2-7B's shape, for one matrix product per counted token. The
     teacher is frozen, so one copy gathered here never goes stale; it costs that much memory per GPU for the whole
-    run instead of the same traffic every micro-step (README, "FSDP2 and the teacher's head"). Every process calls
-    this at the same point (the gather is a collective). Other engines: the head itself (ZeRO-3 gathers it inside
-    the student's forward, where the memory is scarcer than the traffic).
+    run instead of the same traffic every micro-step (docs/hardware.md, "FSDP2 and the teacher's head"). Every
+    process calls this at the same point (the gather is a collective). Other engines: the head itself (ZeRO-3 gathers
+    it inside the student's forward, where the memory is scarcer than the traffic).
     """
     head = teacher.get_output_embeddings()
     try:

@@ -134,7 +134,7 @@ def test_token_boundaries_skip_pieces_of_a_character_and_added_tokens():
 
 
 def test_alignment_two_templates_two_tokenizers():
-    """The README example: ChatML student, Llama-3-style teacher, different token boundaries."""
+    """The docs/hidden-states.md example: ChatML student, Llama-3-style teacher, different token boundaries."""
     student_text = "<|im_start|>assistant\nHat rhymes.<|im_end|>"
     teacher_text = "<|start_header_id|>assistant<|end_header_id|>\n\nHat rhymes.<|eot_id|>"
     student_offsets = offsets_of(student_text, ["<|im_start|>", "assistant", "\n", "Hat", " rhymes", ".", "<|im_end|>"])
