@@ -378,7 +378,7 @@ def test_every_yaml_block_in_the_docs_is_a_valid_override(tmp_path):
             errors = []
             for script in (distil_logits, distil_hidden):
                 try:
-                    script.check_config_keys(load_overrides(script.config, ["--config", str(file)]), script.CONFIG_KEYS)
+                    check_config_keys(load_overrides(script.config, ["--config", str(file)]), script.CONFIG_KEYS)
                     break
                 except ConfigError as error:
                     errors.append(f"{script.__name__}: {error}")
