@@ -236,6 +236,9 @@ class HiddenStatesTrainer(SFTTrainer):
     def __init__(self, *args, teacher=None, projections=None, layer_pairs=(), shared_tokenizer: bool,
                  distillation: dict, vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
+        # N counts the positions whose next label is trained (data.next_token_mask). transformers counts labels[..., 1:]
+        # only for classes it maps to ForCausalLM; for others (GPT2LMHeadModel) it would count one per text row too many.
+        self._loss_shifts_labels = True
         self.distillation = distillation
         self.vocab_size = vocab_size
         self.shared_tokenizer = shared_tokenizer

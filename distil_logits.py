@@ -246,6 +246,9 @@ class LogitsTrainer(SFTTrainer):
     def __init__(self, *args, teacher=None, capture_readers: dict | None = None, distillation: dict, vocab_size: int,
                  on_policy: OnPolicySampler | None = None, cross: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # N counts the positions whose next label is trained (data.next_token_mask). transformers counts labels[..., 1:]
+        # only for classes it maps to ForCausalLM; for others (GPT2LMHeadModel) it would count one per text row too many.
+        self._loss_shifts_labels = True
         self.on_policy = on_policy
         self.distillation = distillation
         self.cross = cross  # a teacher with another tokenizer: shared_ids and teacher_vocab (main)
