@@ -244,7 +244,7 @@ def sgd_config(foreign, out, batch, accumulation):
     config["dataset"]["eval_size"] = 0
     config["training"].update(max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                               optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-                              save_strategy="no")
+                              save_strategy="no", activation_checkpointing=True)
     return config
 
 
