@@ -320,8 +320,8 @@ def check_precision(config: dict) -> None:
     if student_dtype not in STUDENT_DTYPES:
         raise ConfigError(f"model_config.student_dtype must be float32 or bfloat16, got {student_dtype!r}.")
     if training.get("save_dtype") not in (None, *SAVE_DTYPES):
-        raise ConfigError(f"training.save_dtype must be null (the student checkpoint's own dtype), float32, bfloat16 or "
-                          f"float16, got {training['save_dtype']!r}.")
+        raise ConfigError(f"training.save_dtype must be null (the student checkpoint's own dtype), float32, bfloat16 "
+                          f"or float16, got {training['save_dtype']!r}.")
     if training.get("fp16") and not torch.cuda.is_available():
         raise ConfigError("training.fp16 needs a CUDA device: accelerate does not autocast to fp16 on the CPU, so the "
                           "run would silently train in float32. Use bf16: true on the CPU.")
