@@ -41,7 +41,7 @@ def _backend_json(tokenizer) -> dict | None:
 
 
 def _definition_difference(teacher_tokenizer, student_tokenizer) -> str | None:
-    """Which part of the two tokenizer definitions differs in a way that changes ids, or None.
+    """Which part of the two tokenizer definitions differs, or None: the explanation printed when the ids differ.
 
     Compared: the normaliser, the pre-tokenizer, the model (type, settings, merges, vocabulary) and the added tokens
     both have. Allowed: the padding, truncation and post-processor settings, and extra vocabulary entries or added
@@ -83,32 +83,61 @@ def _definition_difference(teacher_tokenizer, student_tokenizer) -> str | None:
     return None
 
 
+# Text beyond the dataset's sample on which two tokenizers must agree: digits, whitespace runs, code, punctuation,
+# several scripts, emoji. All of it is in NFC, so tokenizers that differ only in an NFC normaliser (transformers 5
+# loads a copied tokenizer.json next to a Qwen2 config as Qwen2Tokenizer, which adds one) give the same ids; NFKC
+# (which rewrites "…" and the no-break space) or other merges or digit splitting do not.
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! the Quick-brown fox's den.",
+    "Numbers: 0 7 42 123 2024 31415926 3.14159 -17 1,000,000 1e-5 0x1F 12:30 50% #7",
+    "def f(x):\n    return x ** 2  # square\n\n\n\tif a != b and c >= d: print({'k': [1, 2]})\n",
+    "Café, naïve, façade, straße, İstanbul; Привет, мир; 你好，世界; こんにちは; 안녕하세요; مرحبا; नमस्ते",
+    "Emoji 🙂👍🏽 and symbols © ® ™ € £ ¥ — – … « » “quoted” ‘single’ a\u00a0b c\u2009d   trailing   ",
+    "https://example.com/a?b=c&d=e#f and x.y@example.org, <tag attr=\"v\">text</tag>",
+)
+
+
+def describe_tokenizer(tokenizer) -> str:
+    """The tokenizer's class and its normaliser, e.g. 'Qwen2Tokenizer, normaliser NFC'."""
+    definition = _backend_json(tokenizer) or {}
+
+    def name(normaliser) -> str:
+        if not normaliser:
+            return "none"
+        if normaliser.get("type") == "Sequence":
+            return "+".join(name(part) for part in normaliser.get("normalizers") or []) or "none"
+        return str(normaliser.get("type"))
+
+    return f"{type(tokenizer).__name__}, normaliser {name(definition.get('normalizer'))}"
+
+
 def tokenization_difference(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> str | None:
     """Why the two tokenizers would give different ids for the same text, or None when they give the same.
 
-    Identity means the same ids for the same text: the same token at every shared id, the same normaliser,
-    pre-tokenizer, model, merges and vocabulary (`_definition_difference`), and the same ids for each of `texts`
-    (a sample of the dataset's rendered rows). One tokenizer may have more tokens at the end than the other.
+    Identity is judged by ids, never by the tokenizers' configs: the same token at every shared id, and the same ids
+    for each of `texts` (a sample of the dataset's rendered rows) and of PROBE_TEXTS. One tokenizer may have more
+    tokens at the end than the other. When they differ, the message names the first text that shows it, which part
+    of the two definitions differs (`_definition_difference`), and each side's class and normaliser.
     """
     size = min(len(teacher_tokenizer), len(student_tokenizer))
     teacher_tokens, student_tokens = tokens_by_id(teacher_tokenizer, size), tokens_by_id(student_tokenizer, size)
     differing = [index for index in range(size) if teacher_tokens[index] != student_tokens[index]]
-    reason = None
-    if differing:
-        reason = f"{len(differing)} ids map to different tokens, first id {differing[0]}"
-    reason = reason or _definition_difference(teacher_tokenizer, student_tokenizer)
+    reason = f"{len(differing)} ids map to different tokens, first id {differing[0]}" if differing else None
     example = None
-    if texts:
-        teacher_ids = teacher_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        student_ids = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        for row, (text, teacher_row, student_row) in enumerate(zip(texts, teacher_ids, student_ids)):
-            if teacher_row != student_row:
-                example = (f"row {row} of the dataset ({text[:40]!r}...) is {len(teacher_row)} teacher tokens and "
-                           f"{len(student_row)} student tokens")
-                break
-    if reason and example:
-        return f"{reason}; e.g. {example}"
-    return reason or example
+    samples = [(f"row {row} of the dataset", text) for row, text in enumerate(texts)]
+    samples += [("a probe text", text) for text in PROBE_TEXTS]
+    teacher_ids = teacher_tokenizer([text for _, text in samples], add_special_tokens=False)["input_ids"]
+    student_ids = student_tokenizer([text for _, text in samples], add_special_tokens=False)["input_ids"]
+    for (where, text), teacher_row, student_row in zip(samples, teacher_ids, student_ids):
+        if teacher_row != student_row:
+            example = (f"{where} ({text[:40]!r}...) is {len(teacher_row)} teacher tokens and {len(student_row)} "
+                       "student tokens")
+            break
+    if reason is None and example is None:
+        return None
+    reason = reason or _definition_difference(teacher_tokenizer, student_tokenizer)
+    sides = f" (teacher: {describe_tokenizer(teacher_tokenizer)}; student: {describe_tokenizer(student_tokenizer)})"
+    return "; e.g. ".join(part for part in (reason, example) if part) + sides
 
 
 def shared_vocab_size(teacher_tokenizer, student_tokenizer, texts: list[str] = ()) -> int:

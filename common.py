@@ -270,7 +270,7 @@ def resolve_resume_checkpoint(output_dir: str, resume: bool | str | None, overwr
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Keys of config["training"] that this project handles itself rather than passing to SFTConfig.
-_OWN_TRAINING_KEYS = {"warmup_ratio", "resume_from_checkpoint", "overwrite_output_dir"}
+_OWN_TRAINING_KEYS = {"warmup_ratio", "resume_from_checkpoint", "overwrite_output_dir", "save_dtype"}
 
 
 def training_keys() -> set[str]:
@@ -326,6 +326,7 @@ def build_sft_config(config: dict, **extra: Any):
 
 
 STUDENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = {**STUDENT_DTYPES, "float16": torch.float16}
 
 
 def check_precision(config: dict) -> None:
@@ -340,6 +341,9 @@ def check_precision(config: dict) -> None:
     student_dtype = config["model_config"].get("student_dtype", "float32")
     if student_dtype not in STUDENT_DTYPES:
         raise ConfigError(f"model_config.student_dtype must be float32 or bfloat16, got {student_dtype!r}.")
+    if training.get("save_dtype") not in (None, *SAVE_DTYPES):
+        raise ConfigError(f"training.save_dtype must be null (the student checkpoint's own dtype), float32, bfloat16 "
+                          f"or float16, got {training['save_dtype']!r}.")
     if training.get("fp16") and not torch.cuda.is_available():
         raise ConfigError("training.fp16 needs a CUDA device: accelerate does not autocast to fp16 on the CPU, so the "
                           "run would silently train in float32. Use bf16: true on the CPU.")
@@ -691,12 +695,62 @@ def save_finished_run(trainer, tokenizer, config: dict) -> str:
     trainer.save_state()
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
+        cast_saved_weights(output_dir, saved_student_dtype(config))
         tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
             json.dump(config, handle, indent=2, default=str)
         with open(os.path.join(output_dir, "README.md"), "w") as handle:
             handle.write(model_card(config, trainer.state.log_history))
     return output_dir
+
+
+def saved_student_dtype(config: dict) -> torch.dtype | None:
+    """The dtype the finished student is saved in: training.save_dtype, else the dtype the student checkpoint's
+    config.json names (bf16 for most released models), else None (kept as trained)."""
+    if config["training"].get("save_dtype"):
+        return SAVE_DTYPES[config["training"]["save_dtype"]]
+    from transformers import PretrainedConfig
+
+    values, _ = PretrainedConfig.get_config_dict(config["models"]["student"])
+    name = values.get("dtype") or values.get("torch_dtype")
+    return SAVE_DTYPES.get(str(name).removeprefix("torch."))
+
+
+def cast_saved_weights(folder: str, dtype: torch.dtype | None) -> None:
+    """Rewrite the floating-point tensors of a saved model (model*.safetensors) in `dtype`, and config.json's dtype.
+    The Trainer saves what it trains: float32 master weights (twice a bf16 checkpoint's size) under DDP or one
+    device, 16-bit copies under ZeRO-3. One file at a time, written beside the old one and renamed over it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if dtype is None:
+        return
+    files = sorted(name for name in os.listdir(folder) if name.startswith("model") and name.endswith(".safetensors"))
+    total_bytes = 0
+    for name in files:
+        path = os.path.join(folder, name)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        changed = any(value.is_floating_point() and value.dtype != dtype for value in tensors.values())
+        tensors = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()}
+        total_bytes += sum(value.numel() * value.element_size() for value in tensors.values())
+        if changed:
+            save_file(tensors, path + ".tmp", metadata=metadata)
+            os.replace(path + ".tmp", path)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as handle:
+            index = json.load(handle)
+        index.setdefault("metadata", {})["total_size"] = total_bytes
+        with open(index_path, "w") as handle:
+            json.dump(index, handle, indent=2, sort_keys=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as handle:
+        model_config = json.load(handle)
+    model_config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(config_path, "w") as handle:
+        handle.write(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
 
 
 def distillation_uses_teacher(config: dict) -> bool:

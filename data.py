@@ -384,8 +384,9 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
 
     from accelerate import PartialState
 
-    # The main process loads and tokenizes first, writing the datasets cache; the others then read that cache.
-    with PartialState().main_process_first():
+    # Each node's main process loads and tokenizes first, writing its node's datasets cache; the others then read it.
+    # The global main process alone would leave every process of the other nodes tokenizing at once.
+    with PartialState().local_main_process_first():
         raw = load_raw_dataset(name, data_config.get("split", "train"))
         data_format = dataset_format(raw, data_config.get("format"))
         raw = with_source_rows(raw).shuffle(seed=data_config["seed"])

@@ -129,6 +129,7 @@ config = {
         "seed": 42,  # model init, projection init and data order seed
         "resume_from_checkpoint": None,  # True (latest checkpoint in output_dir) or a checkpoint path
         "overwrite_output_dir": False,  # allow training into an output_dir that holds a finished run
+        "save_dtype": None,  # saved student's dtype: None = its checkpoint's (config.json) | float32 | bfloat16 | float16
     },
 }
 

@@ -142,6 +142,7 @@ config = {
         "seed": 42,  # model init and data order seed
         "resume_from_checkpoint": None,  # True (latest checkpoint in output_dir) or a checkpoint path
         "overwrite_output_dir": False,  # allow training into an output_dir that holds a finished run
+        "save_dtype": None,  # saved student's dtype: None = its checkpoint's (config.json) | float32 | bfloat16 | float16
     },
 }
 
@@ -276,11 +277,13 @@ def main(config: dict) -> LogitsTrainer:
     fraction = config["on_policy"]["fraction"]  # before the data: the template's end-of-turn token is checked here
     sampler = OnPolicySampler(config["on_policy"], tokenizer, vocab_size, config["tokenizer"]["max_length"],
                               args.seed) if fraction > 0 else None
-    if cross:
-        # The chunk loop allocates and frees (chunk, vocabulary) buffers; with glibc's adaptive threshold they are
-        # served from the heap and its high-water mark grows with the pairs per step (measured:
-        # docs/cross-tokenizer.md, "Memory and time").
+    if cross and args.device.type == "cpu":
+        # On the CPU the chunk loop allocates and frees (chunk, vocabulary) buffers; with glibc's adaptive threshold
+        # they are served from the heap and its high-water mark grows with the pairs per step (measured:
+        # docs/cross-tokenizer.md, "Memory and time"). On a GPU they are CUDA memory, and a process-wide threshold
+        # would only make every large host buffer an mmap.
         return_large_frees_to_the_system()
+    if cross:
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
                                                                  config["tokenizer"]["max_length"], tokenize_row_for_logits)
     else:

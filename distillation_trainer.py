@@ -97,6 +97,9 @@ class DistillationTrainer(SFTTrainer):
     def __init__(self, *args, teacher_signal: TeacherSignal | None = None, distillation: dict, vocab_size: int,
                  projections_attribute: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # N counts the positions whose next label is trained (data.next_token_mask). transformers counts labels[..., 1:]
+        # only for classes it maps to ForCausalLM; for others (GPT2LMHeadModel) it would count one per text row too many.
+        self._loss_shifts_labels = True
         self.distillation, self.vocab_size, self.teacher_signal = distillation, vocab_size, teacher_signal
         self.loss_log = LossPartLog(self.accelerator)
         self.speed = TrainingSpeed()

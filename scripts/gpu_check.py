@@ -6,10 +6,11 @@ one CUDA device.
 
 Needs nothing from the network: the data, tokenizer and models are made locally. The precision checks (the CUDA
 version of tests/test_precision.py) train a student whose head is tied to its embeddings for one step and compare
-with a float32 full-logits reference: plain SGD in float32 (sdpa), in bf16 (sdpa), and in bf16 with
-flash_attention_2 where flash-attn is installed; and the share of matrix weights one AdamW step at lr 2e-5 in bf16
-changes. For each training run it prints peak GPU memory (torch.cuda.max_memory_allocated) and training tokens per
-second. Every result is a JSON line in the results file; a precision check has "passed".
+with a float32 full-logits reference: plain SGD in float32 (sdpa), in bf16 (sdpa), in bf16 with flash_attention_2
+where flash-attn is installed, and in fp16 (CUDA only); and the share of matrix weights one AdamW step at lr 2e-5 in
+bf16 changes. For each training run it prints peak GPU memory (torch.cuda.max_memory_allocated) and training tokens per
+second. Every result is a JSON line in the results file; a precision check has "passed", and the script exits 1
+when one has not.
 """
 
 import argparse
@@ -148,6 +149,9 @@ def precision_checks(folder: str) -> list[dict]:
 
     assets = build_precision_assets(folder)
     runs = [("sgd_float32_sdpa", {"bf16": False}, (0.0, 1e-4)), ("sgd_bf16_sdpa", {"bf16": True}, (1e-4, 5e-2))]
+    if torch.cuda.is_available():  # fp16 is refused on the CPU (accelerate does not autocast it there)
+        # fp16 keeps 3 more mantissa bits than bf16: its error must sit between float32's and bf16's.
+        runs.append(("sgd_fp16_sdpa", {"bf16": False, "fp16": True}, (1e-5, 5e-3)))
     try:
         import flash_attn  # noqa: F401
 
@@ -163,6 +167,7 @@ def precision_checks(folder: str) -> list[dict]:
         error = sgd_update_error(trainer, config, assets)
         results.append({"check": name, "attention": student.config._attn_implementation,
                         "tied": student.get_output_embeddings().weight is student.get_input_embeddings().weight,
+                        "mixed_precision": trainer.accelerator.mixed_precision,
                         "update_error": error, "expected": [low, high], "passed": low <= error < high})
     before = {name: p.detach().clone() for name, p in AutoModelForCausalLM.from_pretrained(assets["student"]).named_parameters()}
     trainer, _ = one_step(assets, os.path.join(folder, "adamw_bf16"), learning_rate=2e-5, bf16=True)
@@ -202,6 +207,9 @@ def main() -> None:
             result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
             print(json.dumps(result), flush=True)
             handle.write(json.dumps(result) + "\n")
+    failed = [result["check"] for result in results if result.get("passed") is False]
+    if failed:
+        sys.exit(f"gpu_check.py: failed checks: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -403,6 +403,7 @@ def test_one_batch_of_4_equals_two_accumulated_batches_of_2(assets, hidden_asset
         config["training"].update(
             max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, optim="sgd",
             learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", save_strategy="no",
+            activation_checkpointing=True,
         )
         distil_hidden.main(config)
         return {**load_file(os.path.join(out, "model.safetensors")), **load_projections(out)[0]}
@@ -445,11 +446,14 @@ def test_logit_term_and_ce_never_build_full_logits(assets, hidden_assets, tmp_pa
 @pytest.mark.slow
 def test_zero3_two_processes_match_one(assets, hidden_assets, tmp_path):
     """DeepSpeed ZeRO-3 partitions the student, its projections and the teacher over 2 processes (2 x batch 2 x 2
-    accumulated = the reference's batch 2 x 4): the same losses, student and projections, saved consolidated."""
+    accumulated = the reference's batch 2 x 4): the same losses, student and projections, saved consolidated. Plain
+    SGD without clipping, so a constant scale error in the gradients would show, and activation checkpointing."""
     def config_for(name, accumulation):
         config = hidden_config(assets, hidden_assets, str(tmp_path / name))
         config["dataset"]["eval_size"] = 0
-        config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no")
+        config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no",
+                                  optim="sgd", learning_rate=0.5, weight_decay=0.0, max_grad_norm=0.0,
+                                  lr_scheduler_type="constant", activation_checkpointing=True)
         return config
 
     reference = config_for("single", 4)

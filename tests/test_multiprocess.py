@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow  # every test here launches two processes
 
 
 def overrides_file(assets, tmp_path, name, accumulation, **training):
+    """Plain SGD without clipping (an AdamW update or a clipped gradient would hide a constant scale error in the
+    gradients), at a learning rate whose updates dwarf the tolerances, with activation checkpointing on as shipped."""
     config = tiny_config(assets, str(tmp_path / name))
-    config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no")
+    config["training"].update(gradient_accumulation_steps=accumulation, save_strategy="no", eval_strategy="no",
+                              optim="sgd", learning_rate=0.5, weight_decay=0.0, max_grad_norm=0.0,
+                              lr_scheduler_type="constant", activation_checkpointing=True)
     config["training"].update(training)
     config["dataset"]["eval_size"] = 0
     path = tmp_path / f"{name}.json"

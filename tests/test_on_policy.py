@@ -184,7 +184,8 @@ def sgd_step(assets, out, batch, accumulation, fraction=1.0, max_steps=1):
     config = on_policy_config(assets, out, fraction=fraction)
     config["training"].update(
         max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, optim="sgd",
-        learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+        learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+        activation_checkpointing=True)
     return distil_logits.main(config)
 
 
@@ -316,7 +317,8 @@ def test_ddp_two_processes_match_one_with_unequal_completions(assets, tmp_path, 
     sgd_step(assets, single, 2, 2, max_steps=2)
     config = on_policy_config(assets, str(tmp_path / "ddp"))
     config["training"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="sgd",
-                              learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+                              learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                              activation_checkpointing=True)
     launcher = tmp_path / "launch_fixed.py"
     launcher.write_text(FIXED_COMPLETIONS_LAUNCHER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
     log = launch(["--multi_gpu", "--num_processes", "2"], overrides(config, tmp_path / "ddp.json"), script=str(launcher))

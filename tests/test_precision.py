@@ -55,7 +55,7 @@ def one_step_config(assets, student, rows, output_dir, **training):
     config["models"]["student"] = student
     config["training"].update(max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                               lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", eval_strategy="no",
-                              bf16=False)
+                              bf16=False, activation_checkpointing=True)
     config["training"].update(training)
     return config
 
@@ -103,6 +103,7 @@ def test_tied_student_sgd_step_equals_full_logits_reference(assets, tied_student
     config["distillation"]["divergence"] = divergence
     trainer = distil_logits.main(config)
     model = trainer.model
+    assert model.is_gradient_checkpointing  # the shipped default, recomputing each block in backward
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     # float32 on both sides: the chunked and full-logits gradients agree within 1e-5 (test_chunked_loss.py).
     error = update_error(trainer, reference_sgd_step(trainer, tied_student, assets["teacher"], config))
@@ -122,7 +123,9 @@ def test_bf16_autocasts_on_the_cpu(assets, tied_student, four_rows, tmp_path):
     assert trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # float32 master weights
     error = update_error(trainer, reference_sgd_step(trainer, tied_student, assets["teacher"], config))
-    assert 1e-4 < error < 5e-2, error  # measured 6.9e-3, against 3e-7 for float32
+    print(f"bf16 SGD update error against the float32 reference: {error:.3g}")
+    # measured 1.28e-2 (2026-12-04, with or without activation checkpointing), against 3e-7 for float32: half to twice
+    assert 6e-3 < error < 2.6e-2, error
 
 
 def matrix_fraction_changed(before: dict, after: dict) -> float:

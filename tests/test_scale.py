@@ -103,24 +103,37 @@ def test_plain_python_launch_with_several_gpus_is_refused(assets, tmp_path, monk
 
 
 GATHER_SCRIPT = """
-import os, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
-torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+rank = int(sys.argv[1])
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, Qwen2Config
 from distributed import teacher_head_for_loss
-torch.manual_seed(0)
-head = torch.nn.Linear(8, 12)
-weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
-mesh = init_device_mesh("cpu", (1,))
-head.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]), requires_grad=False)
-head.bias = torch.nn.Parameter(distribute_tensor(bias, mesh, [Shard(0)]), requires_grad=False)
-class Teacher(torch.nn.Module):
-    def get_output_embeddings(self):
-        return head
-copy = teacher_head_for_loss(Teacher(), torch.device("cpu"))
-assert not isinstance(copy.weight, DTensor) and not isinstance(copy.bias, DTensor)
-assert torch.equal(copy.weight, weight) and torch.equal(copy.bias, bias) and not copy.weight.requires_grad
+torch.manual_seed(0)  # the same teacher on both ranks
+teacher = AutoModelForCausalLM.from_config(Qwen2Config(
+    vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=False)).eval().requires_grad_(False)
+head = teacher.get_output_embeddings()
+weight = head.weight.detach().clone()
+mesh = init_device_mesh("cpu", (2,))
+for layer in teacher.model.layers:  # as accelerate's TRANSFORMER_BASED_WRAP: each decoder layer, then the root
+    fully_shard(layer, mesh=mesh)
+fully_shard(teacher, mesh=mesh)
+assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] == 48  # each rank holds half the rows
+copy = teacher_head_for_loss(teacher, torch.device("cpu"))
+assert not isinstance(copy.weight, DTensor) and copy.bias is None and not copy.weight.requires_grad
+assert torch.equal(copy.weight, weight)
+biased = torch.nn.Linear(8, 12).requires_grad_(False)  # a head with a bias, sharded the same way
+want_weight, want_bias = biased.weight.clone(), biased.bias.clone()
+holder = type("T", (torch.nn.Module,), {{"get_output_embeddings": lambda self: self.head}})()
+holder.head = biased
+fully_shard(holder, mesh=mesh)
+assert biased.bias.to_local().shape[0] == 6
+copy = teacher_head_for_loss(holder, torch.device("cpu"))
+assert torch.equal(copy.weight, want_weight) and torch.equal(copy.bias, want_bias) and not copy.bias.requires_grad
 plain = torch.nn.Linear(8, 12)
 assert teacher_head_for_loss(type("T", (torch.nn.Module,), {{"get_output_embeddings": lambda self: plain}})(), "cpu") is plain
 torch.distributed.destroy_process_group()
@@ -129,8 +142,9 @@ print("ok")
 
 
 def test_fsdp2_teacher_head_is_gathered_once_into_plain_tensors():
-    """What FSDP2 leaves on the teacher's head (DTensor shards; here one process on a gloo mesh) becomes one plain,
-    frozen copy for the loss; a head that is not sharded is used as it is."""
+    """What FSDP2 leaves on the teacher's head when it shards a model over 2 ranks (fully_shard per decoder layer and
+    at the root, on a gloo mesh: half the rows of the head on each rank, a bias too) becomes one plain, frozen copy of
+    the whole head on every rank; a head that is not sharded is used as it is."""
     import os
     import socket
     import subprocess
@@ -141,6 +155,9 @@ def test_fsdp2_teacher_head_is_gathered_once_into_plain_tensors():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-c", GATHER_SCRIPT.format(root=ROOT, port=port)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    script = GATHER_SCRIPT.format(root=ROOT, port=port)
+    ranks = [subprocess.Popen([sys.executable, "-c", script, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in range(2)]
+    for rank in ranks:
+        stdout, stderr = rank.communicate(timeout=300)
+        assert rank.returncode == 0 and "ok" in stdout, stderr[-2000:]
