@@ -35,6 +35,7 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
 import torch
 
 from alignment import PairedCollator, check_chat_templates, prepare_paired_datasets, same_next_token, same_tokenization
+from finished_run import save_finished_run
 from common import (
     ConfigError,
     apply_spectrum,
@@ -47,7 +48,6 @@ from common import (
     read_spectrum_patterns,
     resolve_resume_checkpoint,
     run_cli,
-    save_finished_run,
     student_optimizer,
 )
 from data import CHATML_TEMPLATE, next_token_mask, prepare_datasets, rendered_texts, wants_eval

@@ -40,6 +40,7 @@ import torch
 
 from alignment import (PairedCollator, check_chat_templates, prepare_paired_datasets, shared_vocab_size, shared_vocabulary,
                        tokenize_row_for_logits)
+from finished_run import save_finished_run
 from common import (
     ConfigError,
     apply_spectrum,
@@ -53,7 +54,6 @@ from common import (
     resolve_resume_checkpoint,
     return_large_frees_to_the_system,
     run_cli,
-    save_finished_run,
     student_optimizer,
 )
 from cross_tokenizer_loss import CROSS_TOKENIZER_METHODS

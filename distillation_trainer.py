@@ -1,6 +1,6 @@
 """What the two scripts' trainers share: `DistillationTrainer`, a TRL SFTTrainer whose loss runs inside the student's
 forward against a teacher signal (teacher_signal.py), with the start-up head check, the per-part loss log, the
-process-count scaling of DDP, tokens/s in the log and the model card left to common.save_finished_run; and the config
+process-count scaling of DDP, tokens/s in the log and the model card left to finished_run.save_finished_run; and the config
 checks both scripts' `validate` make.
 
 Each script still owns its trainer: a subclass whose `compute_loss` asks the teacher signal for its answer, calls the
@@ -178,7 +178,7 @@ class DistillationTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs) -> None:
-        pass  # TRL's card knows neither the teacher nor the method; common.save_finished_run writes ours
+        pass  # TRL's card knows neither the teacher nor the method; finished_run.save_finished_run writes ours
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied head is the embedding itself: its key is absent from the checkpoint by design, not missing.

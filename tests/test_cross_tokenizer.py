@@ -296,10 +296,11 @@ def direct_top_k_l1(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["uld", "hybrid"])
 def test_chunked_path_on_a_real_sized_vocabulary_sorts_the_top_256(method):
     """Vocabularies of 4,200 (student) and 4,500 (teacher) entries, above the 4,096 from which the trainer compares
-    sorted distributions by their top 256 (losses.sorted_l1_top_k): with merged spans on both sides and 3 chunks, the
+    sorted distributions by their top 256 (cross_tokenizer_loss.sorted_l1_top_k): with merged spans on both sides and 3 chunks, the
     chunked value and gradients equal a float64 reference from full logits whose top-256 sorted L1 comes from a full
     sort (test_chunked_path_equals_the_full_logit_reference covers the whole sort at small vocabularies)."""
-    from losses import sorted_l1_top_k, token_divergence
+    from cross_tokenizer_loss import sorted_l1_top_k
+    from losses import token_divergence
 
     student_vocab, teacher_vocab = 4200, 4500
     top_k = sorted_l1_top_k(student_vocab, teacher_vocab)

@@ -31,7 +31,8 @@ import common
 import distil_hidden
 import distil_logits
 import distributed
-from common import ConfigError, check_output_dir, load_causal_lm, load_overrides, load_tokenizer, model_card
+from common import ConfigError, check_output_dir, load_causal_lm, load_overrides, load_tokenizer
+from finished_run import model_card, save_finished_run
 import data
 from projections import model_shape
 
@@ -120,7 +121,7 @@ def test_a_finished_runs_saved_config_does_not_resume(assets, tmp_path):
     trainer = types.SimpleNamespace(save_state=lambda: None, save_model=lambda folder: None,
                                     accelerator=types.SimpleNamespace(is_main_process=True),
                                     state=types.SimpleNamespace(log_history=[]))
-    common.save_finished_run(trainer, types.SimpleNamespace(save_pretrained=lambda folder: None), config)
+    save_finished_run(trainer, types.SimpleNamespace(save_pretrained=lambda folder: None), config)
     saved = json.loads((tmp_path / "out" / "distillation_config.json").read_text())
     assert saved["training"]["resume_from_checkpoint"] is None
     assert '"resume_from_checkpoint": null' in (tmp_path / "out" / "README.md").read_text()
