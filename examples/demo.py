@@ -483,9 +483,12 @@ def main() -> None:
     seconds = time.time() - START
     built = "data, tokenizers and teacher built in this run" if BUILD in PHASE_SECONDS else \
         "data, tokenizers and teacher from examples/.cache"
+    # Bitwise the same from run to run on one machine, but the CPU's kernels (AVX2, AVX-512) round differently, which
+    # moves the third decimal after hundreds of steps: the line says which ones made the numbers.
     lines += ["", f"`python examples/demo.py{' --full' if args.full else ''}`, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s ({built}); "
-                  f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, one thread."]
+                  f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, "
+                  f"torch {torch.__version__}, one thread."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     with open(os.path.join(OUTPUT, f"demo_results{suffix}.md"), "w") as file:
