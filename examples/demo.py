@@ -39,6 +39,11 @@ import time
 START = time.time()  # before the heavy imports, so that the reported total is what a user waits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The same numbers on every x86 CPU with AVX2: AVX-512 matrix kernels round differently, which after hundreds of steps
+# moves the third decimal (teacher 1.2018 with AVX-512, 1.2050 with AVX2, measured on one machine). AVX2 everywhere
+# was no slower there. Set these variables yourself to choose otherwise; they must be set before torch is imported.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
@@ -483,8 +488,8 @@ def main() -> None:
     seconds = time.time() - START
     built = "data, tokenizers and teacher built in this run" if BUILD in PHASE_SECONDS else \
         "data, tokenizers and teacher from examples/.cache"
-    # Bitwise the same from run to run on one machine, but the CPU's kernels (AVX2, AVX-512) round differently, which
-    # moves the third decimal after hundreds of steps: the line says which ones made the numbers.
+    # Bitwise the same from run to run on one machine, but CPU kernels (AVX2, AVX-512, ARM) round differently: the line
+    # says which ones made the numbers (AVX2 on x86 unless ATEN_CPU_CAPABILITY is set, see the top of this file).
     lines += ["", f"`python examples/demo.py{' --full' if args.full else ''}`, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s ({built}); "
                   f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, "
