@@ -39,9 +39,9 @@ import time
 START = time.time()  # before the heavy imports, so that the reported total is what a user waits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The same numbers on every x86 CPU with AVX2: AVX-512 matrix kernels round differently, which after hundreds of steps
-# moves the third decimal (teacher 1.2018 with AVX-512, 1.2050 with AVX2, measured on one machine). AVX2 everywhere
-# was no slower there. Set these variables yourself to choose otherwise; they must be set before torch is imported.
+# AVX2 kernels even on an AVX-512 CPU, so that both print the README's numbers: AVX-512 matrix kernels round
+# differently, which after hundreds of steps moves the third decimal (teacher 1.2018 with AVX-512, 1.2050 with AVX2 on
+# the same machine, as on an AVX2-only one; no slower). Set these yourself to choose otherwise, before torch is imported.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
 HERE = os.path.dirname(os.path.abspath(__file__))
