@@ -2,7 +2,7 @@
 With --full also offline, hidden-state, cross-tokenizer and on-policy distillation.
 
     python examples/demo.py            # teacher, SFT student, KD student (~2 min on 2 CPU cores, teacher cached after)
-    python examples/demo.py --full     # every row (~7 min; reuses the cached teacher)
+    python examples/demo.py --full     # every row (~5.5 min with the cached teacher)
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
     python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
 
