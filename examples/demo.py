@@ -2,7 +2,7 @@
 With --full also offline, hidden-state, cross-tokenizer and on-policy distillation.
 
     python examples/demo.py            # teacher, SFT student, KD student (~2 min on 2 CPU cores, teacher cached after)
-    python examples/demo.py --full     # every row (~7 min; reuses the cached teacher)
+    python examples/demo.py --full     # every row (~5.5 min with the cached teacher)
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
     python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
 
@@ -39,6 +39,11 @@ import time
 START = time.time()  # before the heavy imports, so that the reported total is what a user waits
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# AVX2 kernels even on an AVX-512 CPU, so that both print the README's numbers: AVX-512 matrix kernels round
+# differently, which after hundreds of steps moves the third decimal (teacher 1.2018 with AVX-512, 1.2050 with AVX2 on
+# the same machine, as on an AVX2-only one; no slower). Set these yourself to choose otherwise, before torch is imported.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
@@ -483,9 +488,12 @@ def main() -> None:
     seconds = time.time() - START
     built = "data, tokenizers and teacher built in this run" if BUILD in PHASE_SECONDS else \
         "data, tokenizers and teacher from examples/.cache"
+    # Bitwise the same from run to run on one machine, but CPU kernels (AVX2, AVX-512, ARM) round differently: the line
+    # says which ones made the numbers (AVX2 on x86 unless ATEN_CPU_CAPABILITY is set, see the top of this file).
     lines += ["", f"`python examples/demo.py{' --full' if args.full else ''}`, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s ({built}); "
-                  f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, one thread."]
+                  f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs, "
+                  f"torch {torch.__version__}, one thread."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     with open(os.path.join(OUTPUT, f"demo_results{suffix}.md"), "w") as file:
