@@ -148,10 +148,11 @@ def precision_checks(folder: str) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     assets = build_precision_assets(folder)
-    runs = [("sgd_float32_sdpa", {"bf16": False}, (0.0, 1e-4)), ("sgd_bf16_sdpa", {"bf16": True}, (1e-4, 5e-2))]
+    # Windows: half to twice the error measured on an H200 on 2026-12-04 (bash scripts/gpu_check.sh; torch 2.11+cu130):
+    # bf16 1.057e-2 (1.28e-2 on the CPU), fp16 1.176e-3. fp16 keeps 3 more mantissa bits than bf16.
+    runs = [("sgd_float32_sdpa", {"bf16": False}, (0.0, 1e-4)), ("sgd_bf16_sdpa", {"bf16": True}, (5e-3, 2.6e-2))]
     if torch.cuda.is_available():  # fp16 is refused on the CPU (accelerate does not autocast it there)
-        # fp16 keeps 3 more mantissa bits than bf16: its error must sit between float32's and bf16's.
-        runs.append(("sgd_fp16_sdpa", {"bf16": False, "fp16": True}, (1e-5, 5e-3)))
+        runs.append(("sgd_fp16_sdpa", {"bf16": False, "fp16": True}, (5e-4, 2.4e-3)))
     try:
         import flash_attn  # noqa: F401
 
