@@ -161,7 +161,8 @@ def test_relative_links_and_anchors_resolve():
 def test_files_the_documents_name_exist():
     pattern = r"\b((?:bench|scripts|examples|tests|deepspeed_configs|docs)/[\w./-]+\.(?:py|sh|yaml|json|md))\b"
     missing = [f"{path}: {name}" for path, text in documents().items() for name in set(re.findall(pattern, text))
-               if not os.path.exists(os.path.join(ROOT, name))]
+               if not os.path.exists(os.path.join(ROOT, name))
+               and not name.startswith("examples/output/")]  # what the demo writes (gitignored), quoted as its source
     assert not missing, "documents name files that do not exist:\n" + "\n".join(sorted(missing))
 
 
