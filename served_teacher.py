@@ -172,8 +172,11 @@ class ServedTeacher:
         k = k or self.top_k
         status, data, wire_bytes = self._call("POST", "/v1/completions", self.request_body(row, k, **sampling))
         if status != 200:
+            message = _server_message(data)
+            hint = (f"; a row of {len(row)} tokens needs --max-model-len {len(row) + 1} or more on the server (one "
+                    "generated token follows the row)" if any(word in message for word in ("max_tokens", "context")) else "")
             raise TeacherServerError(f"teacher server {self.url} refused a row of {len(row)} tokens: HTTP {status}: "
-                                     f"{_server_message(data)}")
+                                     f"{message}{hint}")
         ids, log_probs = parse_prompt_logprobs(data, k, len(row))
         with self._lock:
             self.requests += 1
@@ -391,6 +394,17 @@ def check_model_served(teacher: ServedTeacher) -> None:
                                  "one), or start the server with --served-model-name.")
 
 
+def check_max_model_len(teacher: ServedTeacher, max_length: int) -> None:
+    """The server takes rows of `max_length` tokens (tokenizer.max_length): its --max-model-len holds them plus the one
+    token each request generates."""
+    served = {entry["id"]: entry.get("max_model_len") for entry in teacher._json("GET", "/v1/models")["data"]}
+    limit = served.get(teacher.model) if teacher.model is not None else next(iter(served.values()), None)
+    if limit is not None and limit < max_length + 1:
+        raise TeacherServerError(f"teacher server {teacher.url} takes at most {limit} tokens per request (its "
+                                 f"--max-model-len), but rows of tokenizer.max_length={max_length} need "
+                                 f"{max_length + 1}: restart it with --max-model-len {max_length + 1} or more.")
+
+
 def check_max_logprobs(teacher: ServedTeacher, k: int | None = None) -> None:
     """The server answers k log-probabilities per position (its --max-logprobs is at least k)."""
     k = k or teacher.top_k
@@ -451,11 +465,14 @@ def check_raw_log_probs(teacher: ServedTeacher, row: list[int], tolerance: float
 
 
 def run_startup_checks(teacher: ServedTeacher, student_vocab_size: int, texts: list[str],
-                       student_ids: list[list[int]], add_special_tokens: bool = False) -> None:
+                       student_ids: list[list[int]], max_length: int | None = None,
+                       add_special_tokens: bool = False) -> None:
     """Every start-up check, in the order a user would fix them; `texts` and `student_ids` are the first rendered rows
-    and the student tokenizer's ids of them."""
+    and the student tokenizer's ids of them, `max_length` the longest row the trainer sends."""
     check_reachable(teacher)
     check_model_served(teacher)
+    if max_length is not None:
+        check_max_model_len(teacher, max_length)
     check_max_logprobs(teacher)
     check_vocabulary(teacher, student_vocab_size)
     check_same_tokenizer(teacher, texts, student_ids, add_special_tokens)

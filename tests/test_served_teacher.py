@@ -3,8 +3,9 @@
 - the server's top-k equals a Hugging Face float32 forward's (ids, and values within the server's float32 error);
 - a micro-batch's answer in the capture's form (`counted_topk`) equals the in-process capture's top-k at T = 1, and
   gives the same top-k loss;
-- each start-up check fires on a real misconfiguration (no server, another model name, --max-logprobs too low,
-  --logprobs-mode raw_logits, another tokenizer, a smaller vocabulary) and passes on a good server;
+- each start-up check fires on a real misconfiguration (no server, another model name, --max-model-len or
+  --max-logprobs too low, --logprobs-mode raw_logits, another tokenizer, a smaller vocabulary) and passes on a good
+  server;
 - failed connections are retried; a killed server ends in one line naming the URL;
 - concurrent rows and prefetching give the sequential answers in order; bytes on the wire per position at k = 20,
   64 and 256, plain and gzip.
@@ -14,6 +15,7 @@ time) and starts two servers of a tiny Qwen2 (each about 30 s on 2 cores, --enfo
 .venv-vllm cannot be built. The math of `topk_at_temperature` is tested without a server.
 """
 
+import math
 import os
 import shutil
 import signal
@@ -32,6 +34,7 @@ from served_teacher import (
     ServedTeacher,
     TeacherServerError,
     check_max_logprobs,
+    check_max_model_len,
     check_model_served,
     check_raw_log_probs,
     check_reachable,
@@ -169,14 +172,23 @@ class Server:
         with open(self.log_path) as log:
             return "".join(log.readlines()[-30:])
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def stop(self, crash: bool = False) -> None:
+        """Stop the server and its engine processes (SIGTERM to its process group, SIGKILL after 30 s). crash: first
+        SIGKILL the API server (serve_teacher.sh execs into it), as when it dies; the engine processes still get
+        SIGTERM, so that they free their shared memory."""
+        if crash and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            while time.monotonic() < deadline:
+                self.process.poll()  # reaps the API server once it exits: a zombie would still count in its group
+                os.killpg(self.process.pid, 0)  # raises once every process of the group has exited
+                time.sleep(0.2)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -226,8 +238,8 @@ def hf_log_probs(model_dir: str, rows: list[list[int]]) -> list[torch.Tensor]:
 
 def assert_valid_topk(ids: torch.Tensor, log_probs: torch.Tensor, reference: torch.Tensor, tolerance: float) -> float:
     """ids/log_probs (N, k) are a top-k of `reference` (N, V) within `tolerance`: each value is the reference's at its
-    id, most likely first, and no other id is more likely than the k-th. Where the reference's top k + 1 have no two
-    values closer than the tolerance, the ids are the reference's exactly, in order. Returns the largest difference."""
+    id, most likely first, and no other id is more likely than the k-th; at every rank whose value is 10 tolerances
+    away from both neighbours' the id is the reference's exactly. Returns the largest difference."""
     k = ids.shape[1]
     error = (log_probs.double() - reference.gather(1, ids)).abs().max().item()
     assert error <= tolerance
@@ -235,9 +247,10 @@ def assert_valid_topk(ids: torch.Tensor, log_probs: torch.Tensor, reference: tor
     outside = reference.scatter(1, ids, float("-inf")).max(1).values
     assert (outside <= log_probs[:, -1].double() + tolerance).all()
     top_values, top_ids = reference.topk(k + 1, -1)
-    clear = ((top_values[:, :-1] - top_values[:, 1:]).min(1).values > 10 * tolerance)
-    assert clear.float().mean() > 0.5  # the exact comparison covers most positions
-    assert torch.equal(ids[clear], top_ids[clear, :k])
+    gaps = top_values[:, :-1] - top_values[:, 1:]  # between ranks r and r + 1
+    clear = (torch.cat([torch.full_like(gaps[:, :1], math.inf), gaps[:, :-1]], 1) > 10 * tolerance) & (gaps > 10 * tolerance)
+    assert clear.float().mean() > 0.5  # the exact comparison covers most ranks
+    assert torch.equal(ids[clear], top_ids[:, :k][clear])
     return error
 
 
@@ -291,7 +304,8 @@ def test_startup_checks_pass_on_a_good_server(served):
     tokenizer = served["tokenizer"]
     texts = [TEXT, "Say something about café and 日本."]
     teacher = ServedTeacher(served["url"], top_k=64)  # model None: the server's only model
-    run_startup_checks(teacher, served["vocab"], texts, [tokenizer(t, add_special_tokens=False).input_ids for t in texts])
+    run_startup_checks(teacher, served["vocab"], texts, [tokenizer(t, add_special_tokens=False).input_ids for t in texts],
+                       max_length=511)
     assert teacher.model == served["model"]
 
 
@@ -320,6 +334,13 @@ def test_each_startup_check_fires_on_a_real_misconfiguration(served, misconfigur
     check_raw_log_probs(ServedTeacher(served["url"], top_k=8), row)
 
     good = ServedTeacher(served["url"])
+    check_model_served(good)
+    fails(check_max_model_len, good, 512, match="--max-model-len 513")  # the server was started with 512
+    check_max_model_len(good, 511)
+    with pytest.raises(TeacherServerError, match="needs --max-model-len 601") as error:
+        good.row_topk([5 + i % 300 for i in range(600)])
+    assert "\n" not in str(error.value)
+
     fails(check_vocabulary, good, served["vocab"] + 1, match="smaller vocabulary")
     check_vocabulary(good, served["vocab"])
 
@@ -431,7 +452,7 @@ def test_a_killed_server_ends_in_one_line_naming_it(served, misconfigured):
     row = served["tokenizer"](TEXT, add_special_tokens=False).input_ids[:60]
     teacher = ServedTeacher(misconfigured.url, model="other", top_k=8, max_retries=2, backoff_s=0.1)
     in_flight = teacher.submit([row] * 16)
-    misconfigured.stop()
+    misconfigured.stop(crash=True)
     try:  # rows answered before the kill are whole; any row after it raises, never a silent or partial answer
         answers = teacher.wait(in_flight)
         assert all(answer.ids.shape == (59, 8) for answer in answers)
