@@ -29,7 +29,6 @@ import dataclasses
 import http.client
 import itertools
 import json
-import math
 import threading
 import time
 import urllib.parse
@@ -41,13 +40,14 @@ import torch
 
 from common import ConfigError
 
-START_COMMAND = "bash scripts/serve_teacher.sh TEACHER --port PORT"
-
 
 class TeacherServerError(ConfigError):
     """The teacher server is unreachable, misconfigured or stays down: one line naming the URL and the fix.
 
-    A ConfigError, so that the scripts print it as one line and exit; a trainer catches it to stop cleanly."""
+    A ConfigError, so that the scripts print it as one line and exit; a trainer catches it to stop cleanly. `reason`:
+    the last connection error, when the server did not answer."""
+
+    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -67,10 +67,11 @@ class ServedTeacher:
 
     url: e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted). model: the served model name; None takes the server's
     only model. top_k: log-probabilities asked per position (the server's --max-logprobs must allow it). api_key: sent
-    as a bearer token (vLLM's --api-key); never printed. timeout_s: per request. max_retries: tries after the first
-    failure of a request, waiting backoff_s, 2 backoff_s, 4 backoff_s... (at most 30 s) in between. max_workers:
-    requests in flight at once. compress: ask for gzip answers (served by serve_teacher.sh's middleware; a server
-    without it answers plain JSON).
+    as a bearer token (vLLM's --api-key); never printed. timeout_s: the longest silence of the server while connecting
+    or answering (a long row's answer may take longer in all). max_retries: tries after the first failure of a
+    request, waiting backoff_s, 2 backoff_s, 4 backoff_s... (at most 30 s) in between. max_workers: requests in flight
+    at once. compress: ask for gzip answers (served by serve_teacher.sh's middleware; a server without it answers
+    plain JSON).
     """
 
     def __init__(self, url: str, model: str | None = None, top_k: int = 64, api_key: str | None = None,
@@ -91,7 +92,7 @@ class ServedTeacher:
         self._lock = threading.Lock()
         self.teacher_wait_s = 0.0  # time the caller spent blocked in `wait`, summed; see pop_wait_s
         self.requests = self.retries = self.wire_bytes = self.positions = 0
-        self.model = model  # None: the server's only model (vLLM's default); check_reachable names it
+        self.model = model  # None: the server's only model (vLLM's default); check_model_served names it
 
     # --- HTTP -------------------------------------------------------------------------------------------------------
 
@@ -123,7 +124,8 @@ class ServedTeacher:
                 if response.status >= 500 or response.status == 429:
                     error = f"HTTP {response.status}: {_server_message(raw)}"
                 else:
-                    data = zlib.decompress(raw, 16 + zlib.MAX_WBITS) if response.getheader("Content-Encoding") == "gzip" else raw
+                    gzipped = response.getheader("Content-Encoding") == "gzip"
+                    data = zlib.decompress(raw, 16 + zlib.MAX_WBITS) if gzipped else raw
                     return response.status, data, len(raw)
             except (OSError, http.client.HTTPException) as exception:  # refused, reset, timed out, closed mid-answer
                 self._drop_connection()
@@ -132,10 +134,12 @@ class ServedTeacher:
                 with self._lock:
                     self.retries += 1
                 time.sleep(min(self.backoff_s * 2**attempt, 30.0))
-        raise TeacherServerError(
+        failure = TeacherServerError(
             f"teacher server {self.url} did not answer {method} {path} after {attempts} tries in "
-            f"{time.monotonic() - start:.0f} s ({error}). Check that it runs (start it with: {START_COMMAND}) and that "
-            "teacher_server.url points to it; a checkpointed run resumes once it is back.")
+            f"{time.monotonic() - start:.0f} s ({error}). Check that it runs (start it with: {self.start_command()}) and "
+            "that teacher_server.url points to it; a checkpointed run resumes once it is back.")
+        failure.reason = error
+        raise failure
 
     def _json(self, method: str, path: str, body: dict | None = None, retry: bool = True) -> dict:
         status, data, _ = self._call(method, path, body, retry)
@@ -143,6 +147,12 @@ class ServedTeacher:
             raise TeacherServerError(f"teacher server {self.url} refused {method} {path}: HTTP {status}: "
                                      f"{_server_message(data)}")
         return json.loads(data)
+
+    def start_command(self) -> str:
+        """The command that starts a server at this URL (on its own machine when the host is another)."""
+        local = self._host in ("127.0.0.1", "localhost", "::1")
+        return (f"bash scripts/serve_teacher.sh {self.model or 'TEACHER'} --port {self._port or 80}"
+                + ("" if local else " --host 0.0.0.0"))
 
     # --- What the server serves ---------------------------------------------------------------------------------------
 
@@ -173,8 +183,9 @@ class ServedTeacher:
         status, data, wire_bytes = self._call("POST", "/v1/completions", self.request_body(row, k, **sampling))
         if status != 200:
             message = _server_message(data)
+            too_long = any(word in message for word in ("max_tokens", "context"))
             hint = (f"; a row of {len(row)} tokens needs --max-model-len {len(row) + 1} or more on the server (one "
-                    "generated token follows the row)" if any(word in message for word in ("max_tokens", "context")) else "")
+                    "generated token follows the row)" if too_long else "")
             raise TeacherServerError(f"teacher server {self.url} refused a row of {len(row)} tokens: HTTP {status}: "
                                      f"{message}{hint}")
         ids, log_probs = parse_prompt_logprobs(data, k, len(row))
@@ -196,6 +207,9 @@ class ServedTeacher:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
+                if any(f.cancelled() for f in futures):  # close() was called
+                    combined.set_exception(TeacherServerError(f"requests to teacher server {self.url} were cancelled"))
+                    return
                 errors = [f.exception() for f in futures if f.exception() is not None]
                 if errors:
                     combined.set_exception(errors[0])
@@ -239,10 +253,12 @@ def _server_message(data: bytes) -> str:
     """The error message of a vLLM error answer, on one line."""
     try:
         decoded = json.loads(data)
-        message = decoded.get("error", {}).get("message") if isinstance(decoded.get("error"), dict) else decoded
-        message = message or decoded.get("detail") or decoded
-    except (ValueError, AttributeError):
-        message = data[:300].decode(errors="replace")
+    except ValueError:
+        decoded = data[:300].decode(errors="replace")
+    message = decoded
+    if isinstance(decoded, dict):  # vLLM's {"error": {"message": ...}}, or FastAPI's {"detail": ...}
+        error = decoded.get("error")
+        message = (error.get("message") if isinstance(error, dict) else error) or decoded.get("detail") or decoded
     return " ".join(str(message).split())[:400]
 
 
@@ -371,13 +387,22 @@ def prefetched(teacher: ServedTeacher, batches: Iterable[list[list[int]]], depth
 
 
 def check_reachable(teacher: ServedTeacher) -> None:
-    """The server answers GET /v1/models (one try: a server that is not up yet is a mistake at start-up)."""
+    """The server answers GET /v1/models, and takes the API key (one try: a server that is not up yet is a mistake at
+    start-up, not a fault to wait out)."""
     try:
-        teacher._json("GET", "/v1/models", retry=False)
+        status, data, _ = teacher._call("GET", "/v1/models", retry=False)
     except TeacherServerError as error:
-        reason = str(error).split(" after ", 1)[-1].split(". Check", 1)[0]
-        raise TeacherServerError(f"teacher_server.url {teacher.url} does not answer ({reason}). Start the server with: "
-                                 f"{START_COMMAND}, wait for it to print that it is ready, or fix the URL.") from None
+        raise TeacherServerError(f"teacher_server.url {teacher.url} does not answer ({error.reason}). Start the server "
+                                 f"with: {teacher.start_command()}, wait for it to print that it is ready, or fix the "
+                                 "URL.") from None
+    if status == 401:
+        sent = "the one sent" if "Authorization" in teacher._headers else "none was sent"
+        raise TeacherServerError(f"teacher server {teacher.url} refuses the API key ({sent}): set "
+                                 "teacher_server.api_key_env to the environment variable that holds the key given to "
+                                 "vLLM's --api-key.")
+    if status != 200:
+        raise TeacherServerError(f"teacher server {teacher.url} answered GET /v1/models with HTTP {status}: "
+                                 f"{_server_message(data)}. Is it a vLLM server?")
 
 
 def check_model_served(teacher: ServedTeacher) -> None:
@@ -449,8 +474,8 @@ def check_same_tokenizer(teacher: ServedTeacher, texts: list[str], student_ids: 
 
 def check_raw_log_probs(teacher: ServedTeacher, row: list[int], tolerance: float = 1e-4) -> None:
     """The server returns the model's raw log-softmax: at every position the top-k log-probabilities sum to at most 1,
-    and a request's sampling settings (temperature, top_k, top_p) change none of them. A server started with --logprobs-mode raw_logits or processed_logits returns logits,
-    which fail the first test."""
+    and a request's sampling settings (temperature, top_k, top_p) change none of them. A server started with
+    --logprobs-mode raw_logits or processed_logits returns logits, which fail the first test."""
     plain = teacher.row_topk(row)
     tempered = teacher.row_topk(row, temperature=0.5, top_k=5, top_p=0.5)
     mass = torch.logsumexp(plain.log_probs.double(), 1).max().item()

