@@ -12,7 +12,8 @@
 
 The server tests are `slow`: a session fixture builds .venv-vllm through serve_teacher.sh (about 2 minutes the first
 time) and starts two servers of a tiny Qwen2 (each about 30 s on 2 cores, --enforce-eager). They are skipped only when
-.venv-vllm cannot be built. The math of `topk_at_temperature` is tested without a server.
+.venv-vllm cannot be built. The math of `topk_at_temperature` is tested without a server, with its known limit: at a
+temperature other than 1 the tempered mass outside the top k is underestimated.
 """
 
 import math
@@ -83,6 +84,25 @@ def test_any_temperature_is_exact_when_k_is_the_whole_vocabulary_and_approximate
     _, want_log_probs, want_tail = topk_distribution(logits, 8, temperature, 64)
     assert (log_probs - want_log_probs).abs().max() > 1e-3
     assert torch.allclose(log_probs.double().exp().sum(1) + tail, torch.ones(50, dtype=torch.double), atol=1e-5)
+
+
+def test_below_the_whole_vocabulary_a_temperature_above_1_underestimates_the_tail():
+    """The known limit of a served teacher at T != 1 (topk_at_temperature's docstring): on Zipf-like logits over
+    Qwen2's 151,936 ids at T = 2, k = 64, the one-bucket tail is far below the capture's."""
+    torch.manual_seed(0)
+    vocab = 151936
+    log_ranks = torch.arange(1, vocab + 1).float().log()
+    logits = torch.stack([-2.5 * log_ranks[torch.randperm(vocab)] + 0.3 * torch.randn(vocab) for _ in range(16)])
+    _, log_probs, tail = topk_at_temperature(*raw_topk(logits, 64), 64, 2.0, vocab)
+    _, want_log_probs, want_tail = topk_distribution(logits, 64, 2.0, vocab)
+    student, labels = torch.randn(1, 17, vocab), torch.ones(1, 17, dtype=torch.long)
+    served_loss = topk_distillation_loss(student, labels, *topk_at_temperature(*raw_topk(logits, 64), 64, 2.0, vocab),
+                                         temperature=2.0)
+    capture_loss = topk_distillation_loss(student, labels, *topk_distribution(logits, 64, 2.0, vocab), temperature=2.0)
+    print(f"T=2, k=64: tail {tail.mean():.3f} (capture {want_tail.mean():.3f}), largest log-prob error "
+          f"{(log_probs - want_log_probs).abs().max():.2f}, loss {served_loss:.2f} (capture {capture_loss:.2f})")
+    assert tail.mean() < want_tail.mean() / 5 and (log_probs - want_log_probs).abs().max() > 0.1
+    assert served_loss > 1.2 * capture_loss
 
 
 def test_padding_ids_are_dropped_and_their_mass_renormalised_as_the_capture_slices_the_real_vocabulary():
