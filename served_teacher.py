@@ -313,8 +313,8 @@ def topk_at_temperature(ids: torch.Tensor, raw_log_probs: torch.Tensor, k: int, 
        the tail equal the capture's) and at any T when k is the whole vocabulary. Below it, r^(1/T) is the least the
        tempered rest can be (all of r on one token): the real rest is spread over many tokens, each gaining from 1 / T.
        On Zipf-like logits over 151,936 ids at T = 2 (tests/test_served_teacher.py) the tempered tail comes out 0.01
-       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. Use T = 1 with a served teacher (or capture in-process) until a
-       better tail estimate exists.
+       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. Use T = 1
+       with a served teacher (or capture in-process) until a better tail estimate exists.
     Computed in float64, returned as float32 (ids int64).
     """
     ids, raw = ids.long(), raw_log_probs.double()
