@@ -448,7 +448,8 @@ def test_concurrent_rows_and_prefetch_give_the_sequential_answers_in_order(serve
     batches = [rows[0:3], rows[3:5], rows[5:8]]
     for depth in (0, 2):
         answers = [answer for batch in prefetched(teacher, batches, depth) for answer in batch]
-        assert all(torch.equal(a.ids, b.ids) and torch.equal(a.log_probs, b.log_probs) for a, b in zip(answers, sequential))
+        assert all(torch.equal(a.ids, b.ids) and torch.equal(a.log_probs, b.log_probs)
+                   for a, b in zip(answers, sequential))
         assert len(answers) == len(rows)
     assert teacher.pop_wait_s() > 0 and teacher.teacher_wait_s == 0
 
