@@ -635,42 +635,62 @@ class LossPartLog:
     """Each loss part's exact mean over a logging interval (per token for KD and CE, per aligned position for the
     hidden loss), whatever the batch split and the number of processes, plus the NaN/inf stop.
 
-    Every micro-step costs one all_reduce of a small tensor holding all the parts' (sum, items) pairs, and one host
-    sync to test it for NaN/inf; the reduced sums stay on the device until the logging step reads them. A plain sum
-    on purpose: `gather_for_metrics` drops the samples accelerate duplicates on an epoch's last uneven batch, and
-    applied to per-process scalars that drops whole processes from the log and from the NaN check.
+    A micro-step costs no collective and no host sync: each process adds its parts' (sum, items) pairs, and the first
+    step at which a part's sum was non-finite, to tensors on its device. Only `pop_means` (the logging step) and
+    `check` (before a checkpoint is saved) reduce them over the processes, one all_reduce, and read them; a non-finite
+    sum then stops every process together, naming the part and the step it first went bad. A plain sum on purpose:
+    `gather_for_metrics` drops the samples accelerate duplicates on an epoch's last uneven batch, and applied to
+    per-process scalars that drops whole processes from the log and from the NaN check.
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.names: dict[str, list[str]] = {}
         self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad: dict[str, torch.Tensor] = {}  # per part: the first step of a non-finite sum, inf if none
+        self.output_dir = ""
 
     def add(self, mode: str, step: int, output_dir: str, **parts: tuple) -> None:
         """parts: name -> (value, normaliser, items), where value * normaliser is this micro-batch's sum over its
-        `items` tokens or positions. Summed over every process, so all of them stop together on a non-finite term."""
+        `items` tokens or positions. Device operations only: nothing is reduced or read here."""
         values = [value.detach().float().reshape(()) for value, _, _ in parts.values()]
         device = values[0].device
         local = torch.stack([torch.stack([value * torch.as_tensor(normaliser, device=device).float(),
                                           torch.as_tensor(items, device=device).float()])
                              for value, (_, normaliser, items) in zip(values, parts.values())])
-        total = self.accelerator.reduce(local, reduction="sum")  # (parts, 2): the only collective of the step
+        bad_at = torch.where(torch.isfinite(local[:, 0]), math.inf, float(step))
         if mode in self.sums:
-            self.sums[mode] += total
+            self.sums[mode] += local
+            torch.minimum(self.first_bad[mode], bad_at, out=self.first_bad[mode])
         else:
-            self.names[mode], self.sums[mode] = list(parts), total
-        if not bool(torch.isfinite(total[:, 0]).all()):
-            check_finite_losses(dict(zip(parts, total[:, 0].tolist())), step, output_dir, mode)
+            self.names[mode], self.sums[mode], self.first_bad[mode] = list(parts), local, bad_at
+        self.output_dir = output_dir
+
+    def _reduced(self, mode: str) -> list[list[float]]:
+        """The interval's (sum, items) per part over every process; stop every process on a non-finite sum."""
+        totals = self.accelerator.reduce(self.sums[mode], reduction="sum").tolist()  # every process's, one collective
+        sums = dict(zip(self.names[mode], (total for total, _ in totals)))
+        if not all(math.isfinite(value) for value in sums.values()):
+            # Every process sees the same reduced sums, so all of them take this branch and join the gather.
+            first = self.accelerator.gather(self.first_bad[mode][None]).min(0).values
+            bad = [step for value, step in zip(sums.values(), first.tolist()) if not math.isfinite(value)]
+            check_finite_losses(sums, int(min(bad)) if math.isfinite(min(bad)) else -1, self.output_dir, mode)
+        return totals
+
+    def check(self, mode: str = "train") -> None:
+        """The NaN/inf stop alone, the interval kept (before a checkpoint is saved); every process calls it."""
+        if mode in self.sums:
+            self._reduced(mode)
 
     def pop_means(self, mode: str) -> dict[str, float]:
-        """The means since the last call, named as the Trainer logs them (eval_ prefix in evaluation)."""
+        """The means since the last call, named as the Trainer logs them (eval_ prefix); every process calls it."""
         prefix = "eval_" if mode == "eval" else ""
         if mode not in self.sums:
             return {}
-        totals = self.sums.pop(mode).tolist()
+        totals = self._reduced(mode)
+        names, _, _ = self.names.pop(mode), self.sums.pop(mode), self.first_bad.pop(mode)
         # A part with no items in the interval (on-policy: no sampled batch, or no dataset batch) is left out.
-        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(self.names.pop(mode), totals)
-                if items > 0}
+        return {f"{prefix}{name}": total / max(items, 1) for name, (total, items) in zip(names, totals) if items > 0}
 
 
 def micro_batch_normaliser(items, trainer, training: bool):

@@ -195,6 +195,16 @@ class DistillationTrainer(SFTTrainer):
             logs.update(self.speed.pop())
         super().log(logs, start_time)
 
+    # The NaN/inf stop runs at logging steps (common.LossPartLog); an evaluation or a save between two of them checks
+    # the training parts first, so that a diverged student is neither saved nor blamed on the evaluation.
+    def evaluate(self, *args, **kwargs):
+        self.loss_log.check("train")
+        return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.loss_log.check("train")
+        super()._save_checkpoint(model, trial)
+
     def create_model_card(self, *args, **kwargs) -> None:
         pass  # TRL's card knows neither the teacher nor the method; finished_run.save_finished_run writes ours
 

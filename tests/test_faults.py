@@ -1,6 +1,6 @@
 """Faults: a run killed with SIGKILL after a checkpoint resumes to a bitwise-identical student with the same loss
 log; a checkpoint whose save was cut off is never resumed from; a NaN loss stops the run naming the step and the
-term, keeping the last good checkpoint."""
+term, keeping the last good checkpoint, also when a save falls between two logging steps."""
 
 import json
 import math
@@ -93,7 +93,9 @@ def test_resume_skips_a_checkpoint_cut_off_mid_save(tmp_path, capsys):
     assert resolve_resume_checkpoint(str(tmp_path / "empty"), True) is None  # nothing yet: start fresh
 
 
-def test_nan_loss_stops_naming_step_and_term(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("logging_steps", [1, 10])
+def test_nan_loss_stops_naming_step_and_term(assets, tmp_path, monkeypatch, logging_steps):
+    """logging_steps 10: the NaN/inf check runs at logging steps only, so the save at step 4 must check first."""
     original = losses.chunked_distillation_loss
     calls = {"train": 0}
 
@@ -108,7 +110,7 @@ def test_nan_loss_stops_naming_step_and_term(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "chunked_distillation_loss", poisoned)
     out = str(tmp_path / "out")
     config = tiny_config(assets, out)
-    config["training"].update(max_steps=5, save_steps=2)
+    config["training"].update(max_steps=5, save_steps=2, logging_steps=logging_steps)
     with pytest.raises(TrainingDivergedError, match=r"kd_loss became non-finite at optimizer step 3 .*checkpoint-2"):
         distil_logits.main(config)
     # the last good checkpoint is kept and nothing was saved after the bad step

@@ -1,7 +1,8 @@
 """Launch and logging hygiene at scale: a plain `python script` on a machine with several GPUs is refused (the
 Trainer would fall into nn.DataParallel) before anything is loaded or written; the logged loss parts count every
-process even on an epoch's last uneven batch (where accelerate's gather_for_metrics drops samples), cost one
-collective per micro-step and none at the logging step, and a NaN on another process stops this one too; the teacher
+process even on an epoch's last uneven batch (where accelerate's gather_for_metrics drops samples), cost no
+collective or host read per micro-step and one reduce at the logging step, and a NaN on another process stops this one
+too at the logging step, naming the step it first went bad; the teacher
 head that FSDP2 shards is gathered once into a plain frozen copy for the loss."""
 
 import copy
@@ -18,12 +19,13 @@ from common import ConfigError, LossPartLog, TrainingDivergedError
 
 
 class TwoRankAccelerator:
-    """This process is rank 0 of 2; `other` holds what rank 1 contributes to the next collective. Its
-    gather_for_metrics truncates as accelerate does on an epoch's last uneven batch, where rank 1 only holds
-    duplicated padding samples: the result keeps rank 0's row alone."""
+    """This process is rank 0 of 2; `other` holds what rank 1 contributes to the next reduce, `other_gather` what it
+    contributes to the next gather. Its gather_for_metrics truncates as accelerate does on an epoch's last uneven
+    batch, where rank 1 only holds duplicated padding samples: the result keeps rank 0's row alone."""
 
     def __init__(self):
         self.other = None
+        self.other_gather = None
         self.reduces = 0
         self.gathers = 0
 
@@ -31,6 +33,10 @@ class TwoRankAccelerator:
         assert reduction == "sum"
         self.reduces += 1
         return tensor + self.other(tensor)
+
+    def gather(self, tensor):
+        self.gathers += 1
+        return torch.cat([tensor, self.other_gather(tensor)])
 
     def gather_for_metrics(self, tensor):
         self.gathers += 1
@@ -54,25 +60,54 @@ def test_uneven_last_batch_still_counts_every_rank():
     assert log.pop_means("train") == pytest.approx({"kd_loss": 18 / 8, "ce_loss": 26 / 8}, rel=1e-6)
 
 
-def test_one_collective_per_micro_step_and_none_at_logging():
+def count_host_reads(monkeypatch) -> list:
+    """Record every call that copies a tensor's value to the host (a device sync on a GPU)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _original=original, _name=name, **k: reads.append(_name) or _original(self, *a, **k))
+    return reads
+
+
+def test_no_collective_or_host_sync_per_micro_step_one_reduce_at_logging(monkeypatch):
     accelerator = TwoRankAccelerator()
     log = LossPartLog(accelerator)
     accelerator.other = lambda local: torch.zeros_like(local)
+    reads = count_host_reads(monkeypatch)
     for step in range(4):
         add_step(log, kd=1.0 + step, ce=2.0, tokens=2, normaliser=2)
-    assert (accelerator.reduces, accelerator.gathers) == (4, 0)
+    assert (accelerator.reduces, accelerator.gathers, reads) == (0, 0, [])
     means = log.pop_means("train")
-    assert accelerator.reduces == 4
+    assert (accelerator.reduces, accelerator.gathers) == (1, 0)
     assert means == pytest.approx({"kd_loss": (2 + 4 + 6 + 8) / 8, "ce_loss": 2.0}, rel=1e-6)
-    assert log.pop_means("train") == {}
+    assert log.pop_means("train") == {} and accelerator.reduces == 1
 
 
-def test_nan_on_the_other_rank_stops_this_one():
+def test_nan_on_the_other_rank_stops_this_one_at_the_logging_step():
+    """Rank 1's KD sum went NaN at step 7 (its first non-finite step), rank 0's never: nothing is raised at the
+    micro-steps, and the logging step stops rank 0 naming the part and rank 1's step."""
     accelerator = TwoRankAccelerator()
     log = LossPartLog(accelerator)
     accelerator.other = lambda local: torch.tensor([[math.nan, 4.0], [1.0, 4.0]])
-    with pytest.raises(TrainingDivergedError, match="kd_loss became non-finite at optimizer step 7"):
-        add_step(log, kd=1.0, ce=2.0, tokens=4, normaliser=4, step=7)
+    accelerator.other_gather = lambda first: torch.tensor([[7.0, math.inf]])
+    for step in (6, 7, 8):
+        add_step(log, kd=1.0, ce=2.0, tokens=4, normaliser=4, step=step)
+    with pytest.raises(TrainingDivergedError, match=r"^kd_loss became non-finite at optimizer step 7 "):
+        log.pop_means("train")
+
+
+def test_nan_here_is_named_with_its_first_step_and_checked_before_a_save():
+    accelerator = TwoRankAccelerator()
+    log = LossPartLog(accelerator)
+    accelerator.other = lambda local: torch.zeros_like(local)
+    accelerator.other_gather = lambda first: torch.full_like(first, math.inf)
+    add_step(log, kd=1.0, ce=2.0, tokens=4, normaliser=4, step=2)
+    log.check("train")  # finite: no error, and the interval is kept
+    add_step(log, kd=math.inf, ce=2.0, tokens=4, normaliser=4, step=3)
+    add_step(log, kd=math.nan, ce=math.nan, tokens=4, normaliser=4, step=4)
+    with pytest.raises(TrainingDivergedError, match=r"^ce_loss and kd_loss became non-finite at optimizer step 3 "):
+        log.check("train")
 
 
 def hidden_config(assets, output_dir):
