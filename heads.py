@@ -62,7 +62,7 @@ def transform_logits_(logits: torch.Tensor, scale: float, softcap: float | None)
 def head_logits(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None]) -> torch.Tensor:
     """float32 logits of a few rows of hidden states, exactly as the chunked loss builds them (no gradient)."""
     weight, bias = full_head_tensors(head)
-    logits = hidden @ weight.t()
+    logits = hidden.to(weight.device) @ weight.t()  # device_map may leave the head on another GPU than the last layer
     if bias is not None:
         logits = logits + bias
     logits = logits.float()
@@ -129,7 +129,7 @@ def teacher_hidden_at_counted_positions(teacher: torch.nn.Module, inputs: dict, 
     the backbone runs, the logits are built chunk by chunk in the loss."""
     with torch.no_grad():
         hidden = teacher(**inputs, hidden_layers=[last])[last]
-    return hidden[:, :-1][next_token_mask(labels)]
+    return hidden[:, :-1][next_token_mask(labels.to(hidden.device))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -151,6 +151,16 @@ def forget_zero3_trace(engine: torch.nn.Module) -> None:
         coordinator._invalidate_trace()
 
 
+def largest_over_processes(value: torch.Tensor) -> float:
+    """A scalar tensor's largest value over every process (NaN counting as infinite), so that a check made on it passes
+    or fails on all of them together. Decided on each rank alone, a failure on one (its own row, its own shard) would
+    stop it while the others went on into their next collective and waited there for ever. Every process calls it."""
+    value = torch.nan_to_num(value.detach().float().reshape(1), nan=float("inf"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value.item()
+
+
 def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Module, input_ids: torch.Tensor,
                                name: str, mixed_precision: bool = False) -> None:
     """Stop with one clear error when the model's own logits differ from what the chunked loss builds from its final
@@ -159,10 +169,11 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
 
     `model` is what the engine runs (DDP / DeepSpeed wrapper, or the model itself), patched by
     `add_hidden_states_forward`; `unwrapped` is the bare model; `mixed_precision` is true when the engine autocasts
-    the forward (training.bf16 / fp16). Runs two short forwards in eval mode; every process must call it together
-    under ZeRO-3 (its forwards and the head's gather are collectives), which then records its trace afresh
-    (`forget_zero3_trace`). The tolerance allows bf16/fp16 rounding of logits, far below the effect of a missing
-    scale or soft-cap on a real model's logits.
+    the forward (training.bf16 / fp16). Runs two short forwards in eval mode. Every process must call it together: the
+    verdict is the worst process's (`largest_over_processes`), so that all stop with the same error or none does, and
+    under ZeRO-3 its forwards and the head's gather are collectives too (the engine then records its trace afresh,
+    `forget_zero3_trace`). The tolerance allows bf16/fp16 rounding of logits, far below the effect of a missing scale or
+    soft-cap on a real model's logits.
     """
     head, transform, last = unwrapped.get_output_embeddings(), head_transform(unwrapped), final_layer(unwrapped)
     was_training = model.training
@@ -181,7 +192,8 @@ def check_head_matches_forward(model: torch.nn.Module, unwrapped: torch.nn.Modul
     # are then bf16/fp16 products although every dtype seen here is float32.
     low_precision = (mixed_precision or hidden.dtype != torch.float32 or head.weight.dtype != torch.float32
                      or torch.is_autocast_enabled(hidden.device.type))
-    error = ((got - expected).abs().max() / expected.std().clamp(min=1e-6)).item()
+    expected = expected.to(got.device)
+    error = largest_over_processes((got - expected).abs().max() / expected.std().clamp(min=1e-6))
     if not error <= (5e-2 if low_precision else 1e-3):
         raise ConfigError(
             f"the {name}'s logits differ from its final hidden state through its output head (scale {transform[0]}, "

@@ -199,3 +199,61 @@ def test_fsdp2_teacher_head_is_gathered_once_into_plain_tensors():
     for rank in ranks:
         stdout, stderr = rank.communicate(timeout=300)
         assert rank.returncode == 0 and "ok" in stdout, stderr[-2000:]
+
+
+HEAD_CHECK_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+rank = int(sys.argv[1])
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from transformers import AutoModelForCausalLM, Qwen2Config
+from common import ConfigError
+from heads import add_hidden_states_forward, check_head_matches_forward
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(Qwen2Config(
+    vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=False)).eval()
+add_hidden_states_forward(model)
+if rank == 1:  # this rank's model alone scales its logits after the head, as a model heads.head_transform misses
+    head = model.get_output_embeddings()
+    head.__class__ = type("ScaledHead", (torch.nn.Linear,), {{"forward": lambda self, x: torch.nn.Linear.forward(self, x) * 1.7}})
+try:
+    check_head_matches_forward(model, model, torch.tensor([[1, 5, 9, 3, 7]]), "student")
+except ConfigError as error:
+    print(f"error: {{error}}", file=sys.stderr, flush=True)
+    os._exit(2)
+torch.distributed.barrier()  # the run's next collective: a rank that passed alone waits here for the other
+print("passed", flush=True)
+os._exit(0)
+"""
+
+
+def test_head_check_failing_on_one_rank_stops_both_with_the_same_error():
+    """2 gloo processes where only rank 1's model has a wrong head: both must stop at the check with the same one-line
+    error (decided over both ranks), instead of rank 0 passing into its next collective while rank 1 has stopped."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = HEAD_CHECK_SCRIPT.format(root=ROOT, port=port)
+    ranks = [subprocess.Popen([sys.executable, "-c", script, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in range(2)]
+    results = []
+    try:
+        for rank in ranks:
+            stdout, stderr = rank.communicate(timeout=120)  # a rank left waiting in the barrier would time out
+            results.append((rank.returncode, stdout, stderr))
+    finally:
+        for rank in ranks:
+            rank.kill()
+    errors = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, _, stderr in results]
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert all(len(lines) == 1 and "the student's logits differ from its final hidden state" in lines[0]
+               for lines in errors), results
+    assert errors[0] == errors[1]  # the same verdict (the worst rank's error) on both
