@@ -102,6 +102,33 @@ class TrainingSpeed:
         return speed
 
 
+class Float32GradientAccumulation:
+    """Sum a 16-bit student's gradients over an optimizer step's micro-batches in float32, rounded to the weights' dtype
+    once, at the last micro-batch (model_config.student_dtype: bfloat16 with gradient_accumulation_steps > 1).
+
+    Left to autograd, `.grad` holds the running sum in bf16 and is rounded at every micro-batch: a later micro-batch's
+    gradient loses the bits below the sum's ulp. Here a hook after each parameter's gradient accumulation moves it
+    into a float32 sum and clears `.grad`; at the step's last micro-batch (`accelerator.sync_gradients`, which the
+    Trainer sets before each micro-batch) it writes the whole sum back instead, before DDP's reduction hook reads it.
+    Costs 4 bytes per trainable parameter during the accumulation (docs/precision.md)."""
+
+    def __init__(self, model: torch.nn.Module, accelerator):
+        self.accelerator = accelerator
+        self.sums: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.handles = [parameter.register_post_accumulate_grad_hook(self.accumulate)
+                        for parameter in model.parameters()
+                        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16)]
+
+    def accumulate(self, parameter: torch.nn.Parameter) -> None:
+        total = self.sums.pop(parameter, None)
+        total = parameter.grad.float() if total is None else total.add_(parameter.grad)
+        if self.accelerator.sync_gradients:
+            parameter.grad = total.to(parameter.dtype)
+        else:
+            self.sums[parameter] = total
+            parameter.grad = None
+
+
 class DistillationTrainer(SFTTrainer):
     """SFTTrainer for a loss that the student's own forward computes against `teacher_signal` (None: no teacher).
 
@@ -124,6 +151,10 @@ class DistillationTrainer(SFTTrainer):
         self.loss_log = LossPartLog(self.accelerator)
         self.speed = TrainingSpeed()
         self.heads_checked = False
+        # DeepSpeed and FSDP accumulate gradients themselves (DeepSpeed in its data_types.grad_accum_dtype).
+        self.float32_accumulation = None
+        if self.args.gradient_accumulation_steps > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            self.float32_accumulation = Float32GradientAccumulation(self.model, self.accelerator)
         add_distillation_forward(self.model, projections_attribute)
         add_hidden_states_forward(self.model)  # for the head check at the first step
         if teacher_signal is not None:
