@@ -417,3 +417,28 @@ def prepare_datasets(data_config: dict, tokenizer, max_length: int, tokenize: Ca
              "eval": 0 if evaluation is None else len(evaluation)}
     print_rank0(f"dataset: {stats}")
     return train, evaluation, stats
+
+
+def check_ids_below(splits: dict, size: int, tokenizer) -> None:
+    """Refuse tokenized data holding an id >= `size` (the teacher tokenizer's size, smaller than the student's) in one
+    line. The teacher reads the student's ids as its own: its embedding rows at or above its tokenizer's size are
+    padding that was never trained (Qwen2.5's tool tokens against a Qwen2 teacher), and every later position of the row
+    would be computed from them. Counted with pyarrow, a batch of rows at a time."""
+    import pyarrow.compute as pc
+
+    for split, dataset in splits.items():
+        for first, batch in zip(range(0, len(dataset), 10000),
+                                dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10000)):
+            flat = pc.list_flatten(batch["input_ids"])
+            above = int(pc.sum(pc.greater_equal(flat, size)).as_py() or 0)
+            if above:
+                row = first + next(index for index, ids in enumerate(batch["input_ids"].to_pylist())
+                                   if max(ids, default=0) >= size)
+                largest = int(pc.max(flat).as_py())
+                raise ConfigError(
+                    f"the {split} data holds {above} token(s) with ids >= {size}, the teacher tokenizer's size (first "
+                    f"in row {row} of the shuffled split; largest id {largest}, "
+                    f"{tokenizer.convert_ids_to_tokens(largest)!r}): the teacher has no trained embedding for them. "
+                    "Remove those tokens from the data and chat "
+                    "template, or distil across tokenizers (distillation.cross_tokenizer)."
+                )

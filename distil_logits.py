@@ -57,7 +57,7 @@ from common import (
     student_optimizer,
 )
 from cross_tokenizer_loss import CROSS_TOKENIZER_METHODS
-from data import CHATML_TEMPLATE, next_token_mask, prepare_datasets, rendered_texts, wants_eval
+from data import CHATML_TEMPLATE, check_ids_below, next_token_mask, prepare_datasets, rendered_texts, wants_eval
 from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
 from distributed import check_launch, peak_memory_mib, print_memory_report
 from offline import CaptureRowCollator, capture_teacher, with_row_index
@@ -289,6 +289,9 @@ def main(config: dict) -> LogitsTrainer:
     else:
         train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
                                                           sample_fraction=fraction)
+        if use_teacher and len(tokenizer) > vocab_size:  # the student's tokenizer has tokens the teacher's lacks
+            check_ids_below({"train": train_dataset, **({"eval": eval_dataset} if eval_dataset else {})}, vocab_size,
+                            tokenizer)
     if fraction > 0 and eval_dataset is not None and len(eval_dataset) == 0:
         print_rank0("warning: no held-out row has an answer to evaluate on (prompt-only data); evaluation is off")
         eval_dataset, args.eval_strategy = None, "no"

@@ -209,3 +209,58 @@ def test_reply_starting_with_a_newline_trains_its_first_character(tmp_path):
     assert encoded["labels"][merged] == encoded["input_ids"][merged]
     assert all(label == -100 for label in encoded["labels"][:merged])  # the header and the user turn
     assert trained_runs(tok, encoded) == ["\n\nAnswer 7.<|im_end|>"]  # the merged token, the reply, end of turn
+
+
+@pytest.fixture(scope="module")
+def larger_student(assets, tmp_path_factory):
+    """The tiny student with one more token than the teacher's tokenizer at its end (as Qwen2.5's tool tokens against
+    a Qwen2 teacher), and a dataset of 70 rows whose last alone uses it: beyond the 64 rows on which the tokenizers'
+    identity is checked, so that the run gets as far as reading the data."""
+    from conftest import CONVERSATIONS, _tiny_model
+
+    root = tmp_path_factory.mktemp("larger_student")
+    folder = _tiny_model(str(root / "student"), assets["tokenizer"], "qwen2", 32, 2, assets["vocab"] + 64, seed=2)
+    student_tokenizer = AutoTokenizer.from_pretrained(folder)
+    student_tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>"]})
+    student_tokenizer.save_pretrained(folder)
+    assert len(student_tokenizer) == assets["vocab"] + 1
+    rows = [CONVERSATIONS[index % len(CONVERSATIONS)] for index in range(69)]
+    rows.append({"conversations": [{"from": "human", "value": "Call the weather tool."},
+                                   {"from": "gpt", "value": "<tool_call> weather"}]})
+    data = root / "tool.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder, str(data)
+
+
+@pytest.mark.parametrize("mode", [None, "capture"])
+def test_student_ids_beyond_the_teachers_tokenizer_are_refused_before_loading(assets, larger_student, tmp_path,
+                                                                              monkeypatch, mode):
+    """The teacher would read id 'vocab' (untrained padding in its embedding) for <tool_call>: one line naming the
+    token and the fix, before any model loads or anything is written, in training and in an offline capture."""
+    import distil_logits
+    import offline
+    from conftest import tiny_config
+
+    student, data = larger_student
+    config = tiny_config(assets, str(tmp_path / "out"), student=student)
+    config["dataset"].update(name=data, eval_size=0)
+    config["offline"].update(mode=mode, capture_dir=str(tmp_path / "capture"))
+    monkeypatch.setattr(distil_logits, "load_causal_lm", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(offline, "load_capture_teacher", lambda *args, **kwargs: pytest.fail("a model was loaded"),
+                        raising=False)
+    with pytest.raises(ConfigError, match=rf"the train data holds 1 token\(s\) with ids >= {assets['vocab']}, the "
+                                          rf"teacher tokenizer's size \(first in row \d+ of the shuffled split; largest id {assets['vocab']}, "
+                                          r"'<tool_call>'\).*distillation.cross_tokenizer"):
+        distil_logits.main(config)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "capture").exists()
+
+
+def test_ids_below_the_teachers_size_pass(assets, tokenizer):
+    from datasets import Dataset
+
+    from data import check_ids_below
+
+    splits = {"train": Dataset.from_dict({"input_ids": [[1, 2, 3], [], [assets["vocab"] - 1]]})}
+    check_ids_below(splits, assets["vocab"], tokenizer)
+    with pytest.raises(ConfigError, match=r"first in row 2 of the shuffled split; largest id"):
+        check_ids_below(splits, assets["vocab"] - 1, tokenizer)
