@@ -500,9 +500,10 @@ def return_large_frees_to_the_system() -> None:
         pass
 
 
-def load_causal_lm(name: str, config: dict, trainable: bool = True):
-    """Load a causal LM in the configured precision and attention implementation. A frozen model (the teacher) is put
-    in eval mode with every dropout probability set to zero and no gradients."""
+def load_causal_lm(name: str, config: dict, trainable: bool = True, **placement):
+    """Load a causal LM in the configured precision and attention implementation (`placement`: from_pretrained's
+    device_map and max_memory, if any). A frozen model (the teacher) is put in eval mode with every dropout probability
+    set to zero and no gradients."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -515,6 +516,7 @@ def load_causal_lm(name: str, config: dict, trainable: bool = True):
             dtype=model_dtype(config, trainable),
             attn_implementation=attention_implementation(config["model_config"]["use_flash_attention"]),
             trust_remote_code=False,
+            **placement,
         )
     except (OSError, ValueError) as error:
         raise load_error("the model", name, error) from None

@@ -154,3 +154,60 @@ def teacher_head_for_loss(teacher: torch.nn.Module, device) -> torch.nn.Module:
         gathered.bias = None if bias is None else torch.nn.Parameter(
             bias.to(device).full_tensor() if isinstance(bias, DTensor) else bias.to(device), requires_grad=False)
     return gathered
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The capture teacher (offline.mode: capture builds no Trainer, so nothing else places it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def launched_deepspeed_config(training: dict) -> dict | None:
+    """The DeepSpeed config this run was started with, as a dict: training.deepspeed (a path or a dict), else the one
+    `accelerate launch` passes to its processes (--config_file with a deepspeed_config_file, or only a ZeRO stage).
+    None without DeepSpeed."""
+    import copy
+    import json
+
+    source = training.get("deepspeed")
+    if source is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or {
+            "zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
+    if isinstance(source, str):
+        with open(source) as handle:
+            return json.load(handle)
+    return copy.deepcopy(source)
+
+
+def zero3_inference_config(deepspeed_config: dict, hidden_size: int, micro_batch: int, world_size: int,
+                           training: dict) -> dict:
+    """A ZeRO-3 config for a frozen model that only runs forwards: the launched config with its training-only blocks
+    dropped and its "auto" values filled as the Trainer would (batch sizes, mixed precision from training.bf16 / fp16,
+    and TRL's bucket sizes for a frozen model of this hidden size). `deepspeed.initialize` refuses "auto", and
+    without the Trainer nothing else fills it."""
+    import copy
+
+    config = copy.deepcopy(deepspeed_config)
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    for key in ("bf16", "fp16"):
+        if config.setdefault(key, {}).get("enabled", "auto") == "auto":
+            config[key]["enabled"] = bool(training.get(key))
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+                  train_batch_size=micro_batch * world_size)
+    return config
+
+
+def capture_gpus(local_process_index: int, local_processes: int, gpus: int) -> list[int]:
+    """The GPUs of its node that one capture process spreads the teacher over (`device_map="auto"` within them): the
+    node's GPUs shared out among its processes, so that `--num_processes 1` per node holds the teacher across all the
+    node's GPUs, 2 processes on 8 GPUs 4 each, and one process per GPU (or more processes than GPUs) one each."""
+    share = max(1, gpus // max(local_processes, 1))
+    first = (local_process_index * share) % max(gpus, 1)
+    return list(range(first, min(first + share, gpus)))

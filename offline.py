@@ -17,14 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ConfigError, freeze_for_inference, print_rank0
+from common import ConfigError, print_rank0
 from alignment import tokens_by_id
 from data import counted_positions
-from distributed import check_launcher_processes
+from distributed import capture_gpus, check_launcher_processes, launched_deepspeed_config, zero3_inference_config
 from heads import (
     add_hidden_states_forward,
     check_head_matches_forward,
     final_layer,
+    gathered_head,
     head_logits,
     head_transform,
     teacher_hidden_at_counted_positions,
@@ -295,11 +296,72 @@ def check_capture_manifest(manifest: dict | None, expected: dict, folder: str, f
                           "with the same config: it resumes.")
 
 
-def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int) -> dict:
+class CaptureTeacher:
+    """The teacher of a capture as `load_capture_teacher` placed it: `model`, what is called (a DeepSpeed engine
+    under ZeRO-3, else the model), `bare`, the model itself, and `sharded`, true when every process holds a shard and
+    each forward is therefore a collective that all processes must run together."""
+
+    def __init__(self, model: torch.nn.Module, bare: torch.nn.Module, sharded: bool = False, keep=None):
+        self.model, self.bare, self.sharded = model, bare, sharded
+        self.keep = keep  # transformers' DeepSpeed config, registered by a weak reference: alive as long as this
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.bare.get_input_embeddings().weight.device
+
+
+def load_capture_teacher(config: dict, state) -> CaptureTeacher:
+    """Load the capture's teacher with the placement its launch asks for, never one whole copy per process unless
+    that is all there is:
+
+    - launched with a DeepSpeed ZeRO-3 config (accelerate's --config_file or training.deepspeed): every process loads
+      and keeps only its shard (zero.Init inside from_pretrained, then `deepspeed.initialize` with a ZeRO-3
+      inference config), as training places its teacher; each forward gathers the weights layer by layer;
+    - on a GPU node otherwise: `device_map="auto"` over this process's share of the node's GPUs
+      (distributed.capture_gpus: launch one process per node to spread a 70B teacher over all of them);
+    - else (the CPU, or one GPU per process): the whole teacher on this process's device.
+    """
+    from common import load_causal_lm, model_source
+
+    name, training = config["models"]["teacher"], config["training"]
+    deepspeed_config = launched_deepspeed_config(training)
+    if deepspeed_config is not None and deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hidden_size = AutoConfig.from_pretrained(model_source(name)).get_text_config().hidden_size
+        inference = zero3_inference_config(deepspeed_config, hidden_size, config["offline"]["capture_batch_size"],
+                                           state.num_processes, training)
+        keep = HfDeepSpeedConfig(inference)  # while it lives, from_pretrained partitions as it loads (zero.Init)
+        teacher = load_causal_lm(name, config, trainable=False)
+        add_hidden_states_forward(teacher)  # before the engine wraps it, so that the engine calls it
+        engine, *_ = deepspeed.initialize(model=teacher, config=inference)
+        engine.eval()
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in teacher.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
+        print(f"capture teacher on rank {state.process_index}: holds {held:,} of {total:,} parameters (ZeRO-3)",
+              flush=True)
+        return CaptureTeacher(engine, teacher, sharded=state.num_processes > 1, keep=keep)
+    gpus = capture_gpus(state.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)),
+                        torch.cuda.device_count()) if torch.cuda.is_available() else []
+    if len(gpus) > 1:
+        # Free memory less a tenth, for the activations and the head's logits chunks.
+        memory = {gpu: int(torch.cuda.mem_get_info(gpu)[0] * 0.9) for gpu in gpus}
+        teacher = load_causal_lm(name, config, trainable=False, device_map="auto", max_memory=memory)
+        print(f"capture teacher on rank {state.process_index}: spread over GPUs {gpus} (device_map auto)", flush=True)
+    else:
+        teacher = load_causal_lm(name, config, trainable=False).to(state.device)
+    add_hidden_states_forward(teacher)
+    return CaptureTeacher(teacher, teacher)
+
+
+def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, vocab_size: int) -> dict:
     """Write the teacher's top-k at every counted position of every split to config["offline"]["capture_dir"].
 
     Rows are split over processes (launch with accelerate for several GPUs); rows already in the folder are skipped,
-    so an interrupted capture resumes. Returns the manifest.
+    so an interrupted capture resumes. A sharded teacher (ZeRO-3) runs as many batches on every process, padded with
+    a discarded one where a process has fewer rows left. Returns the manifest.
     """
     from accelerate import PartialState
 
@@ -316,11 +378,9 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
             json.dump({**expected, "complete": False}, handle, indent=2)
     state.wait_for_everyone()
 
-    teacher.to(state.device)
-    freeze_for_inference(teacher)
-    add_hidden_states_forward(teacher)
     first_row = next(iter(splits.values()))[0]["input_ids"][:16]
-    check_head_matches_forward(teacher, teacher, torch.tensor([first_row], device=state.device), "teacher")
+    check_head_matches_forward(teacher.model, teacher.bare, torch.tensor([first_row], device=teacher.input_device),
+                               "teacher")
     todo = {}
     for split, dataset in splits.items():
         done = capture.rows_written(split)
@@ -330,20 +390,27 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
     positions = sum(int(counted_positions_per_row(dataset)[todo[split]].sum()) for split, dataset in splits.items())
     progress = tqdm(total=positions, unit=" positions", desc=f"capture (rank 0 of {state.num_processes})",
                     disable=not state.is_main_process, smoothing=0.1)
-    tokens, start_time = 0, time.time()
+    tokens, start_time, size = 0, time.time(), offline["capture_batch_size"]
     for split, dataset in splits.items():
         todo_rows = todo[split]
+        batches = -(-len(todo_rows) // size)
+        if teacher.sharded:  # every process runs the slowest one's number of forwards (each is a collective)
+            count = torch.tensor(batches, device=state.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            batches = int(count)
         shard_rows, shard_records = [], []
-        for first in range(0, len(todo_rows), offline["capture_batch_size"]):
-            rows = todo_rows[first : first + offline["capture_batch_size"]]
-            examples = [dataset[row] for row in rows]
-            records = _capture_rows(teacher, examples, tokenizer.pad_token_id, codec, config, vocab_size, state.device)
+        for first in range(0, batches * size, size):
+            rows = todo_rows[first : first + size]
+            examples = [dataset[row] for row in rows] or [next(iter(splits.values()))[0]]  # a padding batch
+            records = _capture_rows(teacher, examples, tokenizer.pad_token_id, codec, config, vocab_size)
+            if not rows:
+                continue
             shard_rows += rows
             shard_records += records
             written = sum(len(record) // codec.record_bytes for record in records)
             tokens += written
             progress.update(written)
-            if len(shard_rows) >= offline["shard_rows"] or first + offline["capture_batch_size"] >= len(todo_rows):
+            if len(shard_rows) >= offline["shard_rows"] or first + size >= len(todo_rows):
                 capture.write_shard(split, state.process_index, shard_rows, shard_records)
                 shard_rows, shard_records = [], []
     progress.close()
@@ -358,8 +425,8 @@ def run_capture(config: dict, teacher, tokenizer, splits: dict, vocab_size: int)
     return manifest
 
 
-def _capture_rows(teacher, examples: list[dict], pad_id: int, codec: TopKCodec, config: dict, vocab_size: int,
-                  device) -> list[bytes]:
+def _capture_rows(teacher: CaptureTeacher, examples: list[dict], pad_id: int, codec: TopKCodec, config: dict,
+                  vocab_size: int) -> list[bytes]:
     """The encoded top-k records of a batch of tokenized rows, one bytes object per row (its counted positions)."""
     length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -370,14 +437,16 @@ def _capture_rows(teacher, examples: list[dict], pad_id: int, codec: TopKCodec, 
         input_ids[index, :size] = torch.tensor(example["input_ids"])
         labels[index, :size] = torch.tensor(example["labels"])
         attention_mask[index, :size] = 1
+    device = teacher.input_device
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    hidden = teacher_hidden_at_counted_positions(teacher, inputs, labels.to(device), final_layer(teacher))
-    head, transform = teacher.get_output_embeddings(), head_transform(teacher)
+    hidden = teacher_hidden_at_counted_positions(teacher.model, inputs, labels, final_layer(teacher.bare))
+    head, transform = teacher.bare.get_output_embeddings(), head_transform(teacher.bare)
     # The head's logits a chunk of positions at a time: the (positions, vocab) logits never exist whole.
     # Held per (position, vocabulary entry), float32: the logits, their log-softmax and two top-k/tail temporaries.
-    chunk = max(16, int(config["distillation"]["loss_memory_mb"] * 2**20 / (16 * head.weight.shape[0])) // 16 * 16)
+    rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    chunk = max(16, int(config["distillation"]["loss_memory_mb"] * 2**20 / (16 * rows)) // 16 * 16)
     encoded = []
-    with torch.no_grad():
+    with torch.no_grad(), gathered_head(head):  # under ZeRO-3 a collective: once per batch on every process
         for begin in range(0, hidden.shape[0], chunk):
             logits = head_logits(hidden[begin : begin + chunk], head, transform)
             ids, log_probs, _ = topk_distribution(logits, config["offline"]["top_k"],
@@ -432,13 +501,17 @@ def capture_teacher(config: dict, tokenizer, vocab_size: int) -> dict:
     """`offline.mode: capture` from start to end (distil_logits.main hands over after checking the config and the
     tokenizers): tokenize the data exactly as training from the capture will, load the teacher, and `run_capture`.
     Returns the manifest."""
-    from common import load_causal_lm
-    from data import prepare_datasets
+    from accelerate import PartialState
+
+    from data import check_ids_below, prepare_datasets
     from distributed import peak_memory_mib, print_memory_report
 
     train, evaluation, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"])
     splits = {"train": train} if evaluation is None else {"train": train, "eval": evaluation}
+    if len(tokenizer) > vocab_size:  # the student's tokenizer has tokens the teacher's lacks
+        check_ids_below(splits, vocab_size, tokenizer)
+    state = PartialState()  # before loading: zero.Init needs the process group
     before = peak_memory_mib()
-    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False)
+    teacher = load_capture_teacher(config, state)
     print_memory_report("teacher loaded", before)
     return run_capture(config, teacher, tokenizer, splits, vocab_size)

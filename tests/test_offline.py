@@ -1,10 +1,12 @@
 """Offline distillation: the compact top-k record (size and reconstruction KL), the sparse loss against the
 reference on full logits for every divergence, capture then train without loading the teacher, resume of an
-interrupted capture, and each bad input (missing or truncated shard, manifest mismatch, k larger than the
-vocabulary, a capture made with another tokenizer)."""
+interrupted capture, a capture on 2 processes under ZeRO-3 that shards the teacher and stores what one process
+does, and each bad input (missing or truncated shard, manifest mismatch, k larger than the vocabulary, a capture made
+with another tokenizer)."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +171,70 @@ def test_top_k_larger_than_the_vocabulary(assets, tmp_path):
     with pytest.raises(ConfigError, match="larger than the vocabulary"):
         distil_logits.main(config)
     assert not os.path.exists(tmp_path / "capture")
+
+
+def capture_records(folder) -> dict:
+    """{(split, row): the row's records} of a capture folder, whichever process's shard holds them."""
+    import pyarrow.parquet as pq
+
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".parquet"):
+            table = pq.read_table(os.path.join(folder, name)).to_pydict()
+            found.update({(name.split("-")[0], row): records for row, records in zip(table["row"], table["records"])})
+    return found
+
+
+@pytest.mark.slow  # launches two processes
+def test_zero3_capture_on_two_processes_shards_the_teacher_and_equals_one_process(assets, tmp_path):
+    """accelerate launch with the shipped ZeRO-3 config: each process holds about half the teacher's parameters
+    (before: the whole teacher per process), and the records of every row equal those of a 1-process capture (one
+    row per forward in both, so that no batch padding differs). The first split has 12 rows over 2 processes of
+    batch 1, the eval split 4: equal counts; one row is pre-written so that rank 0 has one batch fewer and must pad."""
+    from test_multiprocess import launch
+
+    one = offline_config(assets, tmp_path / "one", "capture", capture_batch_size=1)
+    distil_logits.main(one)
+    want = capture_records(one["offline"]["capture_dir"])
+    two = offline_config(assets, tmp_path / "two", "capture", capture_batch_size=1)
+    two_dir = two["offline"]["capture_dir"]
+    os.makedirs(two_dir)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Row 0 (rank 0's) already captured, as after an interrupted run: rank 0 has 5 train rows left, rank 1 has 6.
+    pq.write_table(pa.table({"row": pa.array([0], pa.int64()), "records": pa.array([want[("train", 0)]], pa.binary())}),
+                   os.path.join(two_dir, "train-r000-00000.parquet"))
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps({key: two[key] for key in ("dataset", "models", "tokenizer", "model_config",
+                                                          "distillation", "training", "offline")}))
+    log = launch(["--config_file", "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2"], str(path))
+    held = {int(rank): (int(a.replace(",", "")), int(b.replace(",", ""))) for rank, a, b in
+            re.findall(r"capture teacher on rank (\d): holds ([\d,]+) of ([\d,]+) parameters", log)}
+    assert set(held) == {0, 1}, log[-3000:]
+    for rank, (local, total) in held.items():
+        assert local <= total // 2 + 64, f"rank {rank} holds {local} of {total}: the teacher is not partitioned"
+    assert json.loads(open(os.path.join(two_dir, "manifest.json")).read())["complete"]
+    got = capture_records(two_dir)
+    assert sorted(got) == sorted(want) and len(want) == 16
+    assert all(got[key] == want[key] for key in want)
+
+
+def test_capture_placement_settings():
+    """What the capture teacher's placement is computed from: each process's share of its node's GPUs for
+    device_map="auto", and the shipped ZeRO-3 config turned into an inference config with no "auto" left (which
+    deepspeed.initialize refuses) and no optimizer."""
+    from conftest import ROOT
+
+    from distributed import capture_gpus, launched_deepspeed_config, zero3_inference_config
+
+    assert capture_gpus(0, 1, 8) == list(range(8))  # one process per node: all its GPUs
+    assert capture_gpus(1, 2, 8) == [4, 5, 6, 7]
+    assert capture_gpus(3, 8, 8) == [3]  # one process per GPU: its own
+    assert capture_gpus(0, 1, 0) == []
+    shipped = launched_deepspeed_config({"deepspeed": os.path.join(ROOT, "deepspeed_configs", "zero3.json")})
+    config = zero3_inference_config({**shipped, "optimizer": {"type": "AdamW"}}, 64, 2, 4, {"bf16": True})
+    assert "auto" not in json.dumps(config) and "optimizer" not in config
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"], config["bf16"]["enabled"],
+            config["fp16"]["enabled"], config["zero_optimization"]["stage3_param_persistence_threshold"]) == (2, 8, True, False, 640)
+    assert launched_deepspeed_config({}) is None
