@@ -296,6 +296,27 @@ def check_capture_manifest(manifest: dict | None, expected: dict, folder: str, f
                           "with the same config: it resumes.")
 
 
+class CaptureProcesses:
+    """This process's rank, the number of processes and a barrier, from torch.distributed when it is initialised:
+    accelerate's PartialState reports one process on the CPU under a DeepSpeed launch although DeepSpeed has
+    initialised them all (measured with accelerate_zero3.yaml and 2 processes)."""
+
+    def __init__(self, state):
+        import torch.distributed as dist
+
+        self.state = state
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.process_index = dist.get_rank() if self.distributed else state.process_index
+        self.num_processes = dist.get_world_size() if self.distributed else state.num_processes
+        self.local_process_index = int(os.environ.get("LOCAL_RANK", state.local_process_index))
+        self.is_main_process = self.process_index == 0
+        self.device = state.device
+
+    def wait_for_everyone(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
 class CaptureTeacher:
     """The teacher of a capture as `load_capture_teacher` placed it: `model`, what is called (a DeepSpeed engine
     under ZeRO-3, else the model), `bare`, the model itself, and `sharded`, true when every process holds a shard and
@@ -310,7 +331,7 @@ class CaptureTeacher:
         return self.bare.get_input_embeddings().weight.device
 
 
-def load_capture_teacher(config: dict, state) -> CaptureTeacher:
+def load_capture_teacher(config: dict, state: CaptureProcesses) -> CaptureTeacher:
     """Load the capture's teacher with the placement its launch asks for, never one whole copy per process unless
     that is all there is:
 
@@ -367,7 +388,7 @@ def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, 
 
     check_launcher_processes("distil_logits.py")  # a capture builds no training arguments, so check_launch never runs
     offline = config["offline"]
-    state = PartialState()
+    state = CaptureProcesses(PartialState())
     capture = TopKCapture(offline["capture_dir"])
     codec = TopKCodec(vocab_size, offline["top_k"])
     expected = capture_settings(config, tokenizer, vocab_size, splits)
@@ -510,7 +531,7 @@ def capture_teacher(config: dict, tokenizer, vocab_size: int) -> dict:
     splits = {"train": train} if evaluation is None else {"train": train, "eval": evaluation}
     if len(tokenizer) > vocab_size:  # the student's tokenizer has tokens the teacher's lacks
         check_ids_below(splits, vocab_size, tokenizer)
-    state = PartialState()  # before loading: zero.Init needs the process group
+    state = CaptureProcesses(PartialState())  # before loading: zero.Init needs the process group
     before = peak_memory_mib()
     teacher = load_capture_teacher(config, state)
     print_memory_report("teacher loaded", before)
