@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_logits
 from common import ConfigError, deep_merge, load_overrides
+from data import CHATML_TEMPLATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +62,7 @@ def test_end_to_end_with_spectrum(assets, tmp_path):
     assert "logit distillation: loss = 0.5 * KD + 0.5 * CE, KD = forward_kl at temperature 2.0" in card
     assert "[None]" not in card and "trained with SFT" not in card
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template == config["tokenizer"]["chat_template"]
+    assert tokenizer.chat_template == CHATML_TEMPLATE  # the tokenizer's own (chat_template: None)
     student = AutoModelForCausalLM.from_pretrained(out)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit that is red."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
