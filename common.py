@@ -485,10 +485,11 @@ def load_tokenizer(name: str, chat_template: str | None = None, template_key: st
     if tokenizer.pad_token is None:
         # Padding positions get label -100 and attention mask 0, so reusing EOS as pad never trains on it.
         tokenizer.pad_token = tokenizer.eos_token
+    own_template = tokenizer.chat_template
     if chat_template:
         tokenizer.chat_template = chat_template
     if template_key and tokenizer.chat_template:
-        check_chat_template(tokenizer, name, template_key, own_template=not chat_template)
+        check_chat_template(tokenizer, name, template_key, own_template)
     return tokenizer
 
 

@@ -206,14 +206,14 @@ def turn_marker_problems(tokenizer, own_template: bool) -> list[str]:
     return problems
 
 
-def check_chat_template(tokenizer, name: str, key: str, own_template: bool) -> None:
-    """Refuse, in one line, a chat template (set by config key `key`, or the tokenizer's own) whose turn markers are
-    not single special tokens of the tokenizer of `name` (`turn_marker_problems`). Such markers (ChatML's <|im_start|>
-    on a Llama-3 tokenizer) become several ordinary tokens: trained as text, read by a teacher in a format it never
-    saw, and no single end-of-turn token for generation to stop at."""
-    whose = f"tokenizer '{name}'"
+def check_chat_template(tokenizer, name: str, key: str, own_template: str | None) -> None:
+    """Refuse, in one line, the tokenizer's chat template (set by config key `key`, or its own: `own_template`, None
+    when it has none) when its turn markers are not single special tokens of the tokenizer of `name`
+    (`turn_marker_problems`). Such markers (ChatML's <|im_start|> on a Llama-3 tokenizer) become several ordinary
+    tokens: trained as text, read by a teacher in a format it never saw, and no single end-of-turn token to stop at."""
+    whose, is_own = f"tokenizer '{name}'", tokenizer.chat_template == own_template
     try:
-        problems = turn_marker_problems(tokenizer, own_template)
+        problems = turn_marker_problems(tokenizer, is_own)
     except ConfigError as error:
         raise ConfigError(f"{key}, {whose}: {error}") from None
     except Exception as error:  # noqa: BLE001 - a Jinja error of the template, in one line
@@ -222,15 +222,18 @@ def check_chat_template(tokenizer, name: str, key: str, own_template: bool) -> N
                           f"Set {key} to a template that renders them.") from None
     if not problems:
         return
-    specials = ", ".join(tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer)))[:8])
-    source = "its own chat template" if own_template else f"the chat template set by {key}"
-    fix = (f"Set {key} to a Jinja template whose turns end with one of its special tokens ({specials})" if own_template
-           else f"Set {key}: null to use the tokenizer's own template, or a Jinja template written with its special "
-                f"tokens ({specials})")
+    # Reserved and unused placeholders (Llama 3's 250, Gemma's 99) would hide the tokens a template can use.
+    specials = [token for token in tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer)))
+                if not re.search(r"reserved|unused", token)]
+    fixes = ["null (its own template)"] if own_template and not is_own else []
+    if has_chatml_tokens(tokenizer) and tokenizer.chat_template != CHATML_TEMPLATE:
+        fixes.append("chatml")
+    fixes.append(f"a Jinja template written with its special tokens ({', '.join(specials[:10])})")
     harm = ("the teacher would read them as ordinary text, a format it never saw" if "teacher" in key else
             "they would be trained as ordinary text and generation would not stop at the end of a turn")
+    source = "its own chat template" if is_own else f"the chat template set by {key}"
     raise ConfigError(f"{source} does not fit {whose}: its turn markers {', '.join(problems)} are not single special "
-                      f"tokens of it, so {harm}. {fix}.")
+                      f"tokens of it, so {harm}. Set {key} to {', or '.join(fixes)}.")
 
 
 def end_of_turn_id(tokenizer) -> int:
