@@ -147,8 +147,10 @@ _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Y
 def resolve_chat_template(value: str | None) -> str | None:
     """The Jinja text of a configured chat template: a name of NAMED_TEMPLATES, Jinja text, or None (the
     tokenizer's own)."""
-    if not value or value in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES.get(value)
+    if not value:
+        return None
+    if isinstance(value, str) and value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
     if not isinstance(value, str) or not ("{{" in value or "{%" in value):
         raise ConfigError(f"chat template {value!r} is neither a known name ({', '.join(NAMED_TEMPLATES)}) nor a Jinja "
                           "template. Set it to null (the tokenizer's own template), chatml, or a Jinja template string.")
