@@ -19,6 +19,7 @@ from data import (
     assistant_char_spans,
     counted_positions,
     dataset_format,
+    has_chatml_tokens,
     load_raw_dataset,
     prepare_datasets,
     to_messages,
@@ -295,10 +296,13 @@ def check_chat_templates(data_config: dict, tokenizers: dict) -> None:
         return
     raw = load_raw_dataset(data_config["name"], data_config.get("split", "train"))
     if dataset_format(raw, data_config.get("format")) != "text":
-        raise ConfigError(
-            f"the {' and '.join(missing)} tokenizer has no chat template to render conversations with. Set "
-            f"{TEMPLATE_KEYS[missing[0]]} (e.g. data.CHATML_TEMPLATE)."
-        )
+        key = TEMPLATE_KEYS[missing[0]]
+        fix = (f"Set {key}: chatml (its <|im_start|> and <|im_end|> are special tokens) or a Jinja template string"
+               if has_chatml_tokens(tokenizers[missing[0]]) else
+               f"Set {key} to a Jinja template string whose turn markers are special tokens of that tokenizer "
+               "(chatml does not fit it: <|im_start|> and <|im_end|> are not special tokens of it)")
+        raise ConfigError(f"the {' and '.join(missing)} tokenizer has no chat template of its own to render "
+                          f"conversations with. {fix}.")
 
 
 def prepare_paired_datasets(data_config: dict, student_tokenizer, teacher_tokenizer, max_length: int,

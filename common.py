@@ -463,9 +463,16 @@ def load_error(what: str, name: str, error: Exception) -> ConfigError:
     return ConfigError(f"could not load {what} '{name}': {first}")
 
 
-def load_tokenizer(name: str, chat_template: str | None = None):
-    """Load a tokenizer, give it a pad token if it has none, and set the chat template if one is configured."""
+def load_tokenizer(name: str, chat_template: str | None = None, template_key: str | None = None):
+    """Load a tokenizer, give it a pad token if it has none, and set the chat template if one is configured (a name
+    such as "chatml", or Jinja text; None keeps the tokenizer's own). With `template_key` (the config key that chose
+    the template), a template whose turn markers are not single special tokens of the tokenizer is refused in one
+    line naming that key (data.check_chat_template)."""
     from transformers import AutoTokenizer
+
+    from data import check_chat_template, resolve_chat_template  # data imports this module
+
+    chat_template = resolve_chat_template(chat_template)
 
     source = model_source(name)
     try:
@@ -478,8 +485,11 @@ def load_tokenizer(name: str, chat_template: str | None = None):
     if tokenizer.pad_token is None:
         # Padding positions get label -100 and attention mask 0, so reusing EOS as pad never trains on it.
         tokenizer.pad_token = tokenizer.eos_token
+    own_template = tokenizer.chat_template
     if chat_template:
         tokenizer.chat_template = chat_template
+    if template_key and tokenizer.chat_template:
+        check_chat_template(tokenizer, name, template_key, own_template)
     return tokenizer
 
 

@@ -6,6 +6,7 @@ subsampling and splitting off an evaluation set.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -19,6 +20,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Templates a config may name instead of writing out the Jinja text (tokenizer.chat_template: chatml). The default
+# (None) is the tokenizer's own template: the one its model was trained on.
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "system": "system",
@@ -125,12 +129,125 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
             raise ConfigError(
                 "the chat template does not render conversations incrementally (a prefix of the conversation renders "
                 "differently from the start of the whole), so assistant spans cannot be located. Set "
-                "tokenizer.chat_template to a template that does, e.g. data.CHATML_TEMPLATE."
+                "tokenizer.chat_template to a template that does (null: the tokenizer's own)."
             )
         end = len(through.rstrip())
         if end > len(before):
             spans.append((len(before), end))
     return text, spans
+
+
+# Text in a rendering that looks like a control token: <|im_start|>, <start_of_turn>, </s>, [INST], DeepSeek's
+# <｜User｜>. Written for another tokenizer, such a marker is several ordinary tokens of this one.
+_MARKER = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>\s]+｜>|</?[A-Za-z_][^<>\s]*>|\[/?[A-Z][A-Z_]*\]")
+# The conversation a template is probed with (no system turn: Gemma's templates refuse one).
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """The Jinja text of a configured chat template: a name of NAMED_TEMPLATES, Jinja text, or None (the
+    tokenizer's own)."""
+    if not value:
+        return None
+    if isinstance(value, str) and value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    if not isinstance(value, str) or not ("{{" in value or "{%" in value):
+        raise ConfigError(f"chat template {value!r} is neither a known name ({', '.join(NAMED_TEMPLATES)}) nor a Jinja "
+                          "template. Set it to null (the tokenizer's own template), chatml, or a Jinja template string.")
+    return value
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's added and special tokens: text it splits off whole before its model (BPE, ...) runs."""
+    return set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+
+
+def _token_count(tokenizer, marker: str) -> int:
+    return len(tokenizer(marker, add_special_tokens=False)["input_ids"]) if marker else 0
+
+
+def _is_special_token(tokenizer, marker: str) -> bool:
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return len(ids) == 1 and ids[0] in special_token_ids(tokenizer)
+
+
+def has_chatml_tokens(tokenizer) -> bool:
+    """Whether <|im_start|> and <|im_end|> are single special tokens of the tokenizer (tokenizer.chat_template: chatml
+    fits it)."""
+    return all(_is_special_token(tokenizer, marker) for marker in ("<|im_start|>", "<|im_end|>"))
+
+
+def end_of_turn_marker(tokenizer) -> str:
+    """The text the chat template closes an assistant turn with (<|im_end|> in ChatML, <|eot_id|> in Llama 3), found
+    by rendering a one-turn conversation: the end of its trained span, after the reply."""
+    text, spans = assistant_char_spans(tokenizer, _PROBE)
+    if not spans:
+        raise ConfigError("the chat template renders no assistant turn for a user and an assistant message. Set "
+                          "tokenizer.chat_template to a template that does (null: the tokenizer's own).")
+    start, end = spans[-1]
+    return text[start:end].split(_PROBE[-1]["content"], 1)[-1].strip()
+
+
+def turn_marker_problems(tokenizer, own_template: bool) -> list[str]:
+    """The turn markers of the tokenizer's chat template that are not single special tokens of the tokenizer, each
+    as "'marker' (n tokens)"; empty when the template fits.
+
+    The end-of-turn marker (`end_of_turn_marker`) is trained and generation stops at it, so it must always be one
+    special token. Every other marker-like text in a rendering of `_PROBE` (`_MARKER`: <|im_start|>, [INST], ...) must
+    be one too, unless the template is the tokenizer's own (own_template): a model was trained on its own template,
+    and some (Zephyr's <|user|>, Mistral v0.1's [INST]) write their opening markers as ordinary text.
+    """
+    problems, marker = [], end_of_turn_marker(tokenizer)
+    if not _is_special_token(tokenizer, marker):
+        problems.append(f"{marker!r} ({_token_count(tokenizer, marker)} tokens)")
+    if not own_template:
+        rendered = _render(tokenizer, _PROBE, False) + _render(tokenizer, _PROBE[:1], True)
+        for candidate in dict.fromkeys(_MARKER.findall(rendered)):
+            if candidate != marker and not _is_special_token(tokenizer, candidate):
+                problems.append(f"{candidate!r} ({_token_count(tokenizer, candidate)} tokens)")
+    return problems
+
+
+def check_chat_template(tokenizer, name: str, key: str, own_template: str | None) -> None:
+    """Refuse, in one line, the tokenizer's chat template (set by config key `key`, or its own: `own_template`, None
+    when it has none) when its turn markers are not single special tokens of the tokenizer of `name`
+    (`turn_marker_problems`). Such markers (ChatML's <|im_start|> on a Llama-3 tokenizer) become several ordinary
+    tokens: trained as text, read by a teacher in a format it never saw, and no single end-of-turn token to stop at."""
+    whose, is_own = f"tokenizer '{name}'", tokenizer.chat_template == own_template
+    try:
+        problems = turn_marker_problems(tokenizer, is_own)
+    except ConfigError as error:
+        raise ConfigError(f"{key}, {whose}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a Jinja error of the template, in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"the chat template of {whose} ({key}) fails to render a user and an assistant turn: {first}. "
+                          f"Set {key} to a template that renders them.") from None
+    if not problems:
+        return
+    # Reserved and unused placeholders (Llama 3's 250, Gemma's 99) would hide the tokens a template can use.
+    specials = [token for token in tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer)))
+                if not re.search(r"reserved|unused", token)]
+    fixes = ["null (its own template)"] if own_template and not is_own else []
+    if has_chatml_tokens(tokenizer) and tokenizer.chat_template != CHATML_TEMPLATE:
+        fixes.append("chatml")
+    fixes.append(f"a Jinja template written with its special tokens ({', '.join(specials[:10])})")
+    harm = ("the teacher would read them as ordinary text, a format it never saw" if "teacher" in key else
+            "they would be trained as ordinary text and generation would not stop at the end of a turn")
+    source = "its own chat template" if is_own else f"the chat template set by {key}"
+    raise ConfigError(f"{source} does not fit {whose}: its turn markers {', '.join(problems)} are not single special "
+                      f"tokens of it, so {harm}. Set {key} to {', or '.join(fixes)}.")
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with: generation stops at it, the saved student's
+    generation_config lists it, and a sampled completion is labelled through it."""
+    marker = end_of_turn_marker(tokenizer)
+    if not _is_special_token(tokenizer, marker):
+        raise ConfigError(f"the chat template ends an assistant turn with {marker!r}, which is "
+                          f"{_token_count(tokenizer, marker)} tokens, not one special token of the tokenizer; "
+                          "generation needs a single end-of-turn token to stop at. Set tokenizer.chat_template to a "
+                          "template that has one.")
+    return tokenizer(marker, add_special_tokens=False)["input_ids"][0]
 
 
 def tokenize_row(row: dict, tokenizer, data_format: str, max_length: int, system_prompt: str | None = None,

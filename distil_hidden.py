@@ -50,7 +50,7 @@ from common import (
     run_cli,
     student_optimizer,
 )
-from data import CHATML_TEMPLATE, next_token_mask, prepare_datasets, rendered_texts, wants_eval
+from data import next_token_mask, prepare_datasets, rendered_texts, wants_eval
 from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
 from distributed import check_launch, peak_memory_mib, print_memory_report
 from losses import HIDDEN_LOSSES, TEACHER_NORMS, hidden_state_loss
@@ -86,8 +86,8 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row for each model; longer rows are truncated, never padded to this length
-        "chat_template": CHATML_TEMPLATE,  # the student's template, as in distil_logits.py (None: its tokenizer's own)
-        "teacher_chat_template": None,  # Jinja template for the teacher's rendering (None: its tokenizer's own)
+        "chat_template": None,  # None: the student tokenizer's own | chatml (needs <|im_start|>, <|im_end|> special tokens) | Jinja text
+        "teacher_chat_template": None,  # the teacher's template, as chat_template (None: its tokenizer's own)
     },
     "model_config": {
         "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
@@ -335,10 +335,11 @@ def main(config: dict) -> HiddenStatesTrainer:
         if distillation["alpha"] > 0:
             layer_pairs = resolve_layer_map(distillation["layer_map"], student_layers, teacher_layers)
             print_rank0(f"layer map (student block, teacher block): {layer_pairs}")
-    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["chat_template"])
+    tokenizer = load_tokenizer(models["student"], config["tokenizer"]["chat_template"], "tokenizer.chat_template")
     tokenizers = {"student": tokenizer}
     if use_teacher:
-        tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"])
+        tokenizers["teacher"] = load_tokenizer(models["teacher"], config["tokenizer"]["teacher_chat_template"],
+                                               "tokenizer.teacher_chat_template")
     shared = not use_teacher or same_tokenization(tokenizers["teacher"], tokenizer,
                                                   rendered_texts(config["dataset"], tokenizer))
     if distillation["kd_weight"] > 0 and not shared:

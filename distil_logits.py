@@ -57,7 +57,7 @@ from common import (
     student_optimizer,
 )
 from cross_tokenizer_loss import CROSS_TOKENIZER_METHODS
-from data import CHATML_TEMPLATE, check_ids_below, next_token_mask, prepare_datasets, rendered_texts, wants_eval
+from data import check_ids_below, next_token_mask, prepare_datasets, rendered_texts, wants_eval
 from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
 from distributed import check_launch, peak_memory_mib, print_memory_report
 from offline import CaptureRowCollator, capture_teacher, with_row_index
@@ -86,8 +86,8 @@ config = {
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length
-        "chat_template": CHATML_TEMPLATE,  # Jinja template used to render conversations (None: the tokenizer's own)
-        "teacher_chat_template": None,  # cross_tokenizer only: the teacher's own template (None: its tokenizer's own)
+        "chat_template": None,  # None: the tokenizer's own | chatml (needs <|im_start|>, <|im_end|> special tokens) | Jinja text
+        "teacher_chat_template": None,  # cross_tokenizer only: the teacher's template, as chat_template (None: its tokenizer's own)
     },
     "model_config": {
         "use_flash_attention": True,  # flash_attention_2 when installed on a GPU, else sdpa
@@ -242,18 +242,22 @@ def main(config: dict) -> LogitsTrainer:
     distillation, training, offline = config["distillation"], config["training"], config["offline"]
     patterns = read_spectrum_patterns(config["spectrum"]["layers_to_unfreeze"]) if config["spectrum"]["layers_to_unfreeze"] else None
 
-    tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
+    tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"], "tokenizer.chat_template")
     use_teacher = distillation["alpha"] > 0 and offline["mode"] != "train"
     cross = bool(use_teacher and distillation["cross_tokenizer"])
     vocab_size = len(tokenizer)
     if cross:
         # Any teacher tokenizer: each model renders the rows with its own template, positions are aligned by character.
-        teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"])
+        teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["teacher_chat_template"],
+                                           "tokenizer.teacher_chat_template")
         check_chat_templates(config["dataset"], {"teacher": teacher_tokenizer, "student": tokenizer})
         shared_ids = shared_vocabulary(tokenizer, teacher_tokenizer)
         print_rank0(f"cross-tokenizer KD ({distillation['cross_tokenizer']}): {shared_ids[0].numel()} of the "
                     f"student's {vocab_size} tokens have an exact match among the teacher's {len(teacher_tokenizer)}")
-    elif use_teacher:
+    else:
+        check_chat_templates(config["dataset"], {"student": tokenizer})
+    if use_teacher and not cross:
+        # Only for the vocabulary check: the teacher reads the student's ids, rendered with the student's template.
         teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
         vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, rendered_texts(config["dataset"], tokenizer))
     if offline["top_k"] > vocab_size:

@@ -1,6 +1,7 @@
 """A finished run's folder: the student saved in its checkpoint's dtype (not the float32 master weights), its
-tokenizer, distillation_config.json (the resolved config; its presence marks the run finished) and the model card
-(README.md) that names the teacher, the method and the last logged losses. Both scripts call `save_finished_run`."""
+tokenizer, a generation_config that stops at the chat template's end of turn, distillation_config.json (the resolved
+config; its presence marks the run finished) and the model card (README.md) that names the teacher, the method and
+the last logged losses. Both scripts call `save_finished_run`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from common import SAVE_DTYPES, model_source
 
 
 def save_finished_run(trainer, tokenizer, config: dict) -> str:
-    """Save the student, its tokenizer (with the chat template used), trainer_state.json (the logged losses) and
-    distillation_config.json (the resolved config, whose presence marks the run finished). Returns output_dir."""
+    """Save the student, its tokenizer (with the chat template used), a generation_config that stops at the
+    template's end of turn, trainer_state.json (the logged losses) and distillation_config.json (the resolved config,
+    whose presence marks the run finished). Returns output_dir."""
     output_dir = config["training"]["output_dir"]
     # Saved without the resume: relaunched as is, the saved config must not silently continue this run.
     config = {**config, "training": {**config["training"], "resume_from_checkpoint": None}}
@@ -23,11 +25,32 @@ def save_finished_run(trainer, tokenizer, config: dict) -> str:
     if trainer.accelerator.is_main_process:
         cast_saved_weights(output_dir, saved_student_dtype(config))
         tokenizer.save_pretrained(output_dir)
+        stop_at_end_of_turn(output_dir, tokenizer)
         with open(os.path.join(output_dir, "distillation_config.json"), "w") as handle:
             json.dump(config, handle, indent=2, default=str)
         with open(os.path.join(output_dir, "README.md"), "w") as handle:
             handle.write(model_card(config, trainer.state.log_history))
     return output_dir
+
+
+def stop_at_end_of_turn(folder: str, tokenizer) -> None:
+    """Add the chat template's end-of-turn token (<|im_end|>, <|eot_id|>) to the eos_token_id of the saved
+    generation_config.json: the checkpoint's own stops at its end-of-sequence token only (Qwen2's base models at
+    <|endoftext|>), so the student would talk past the end of its turn. Text data with no template: left as saved."""
+    if not tokenizer.chat_template:
+        return
+    from transformers import GenerationConfig
+
+    from data import end_of_turn_id
+
+    path = os.path.join(folder, "generation_config.json")
+    generation = GenerationConfig.from_pretrained(folder) if os.path.isfile(path) else GenerationConfig()
+    stops = generation.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if not stops and tokenizer.eos_token_id is not None:
+        stops = [tokenizer.eos_token_id]
+    generation.eos_token_id = list(dict.fromkeys(stops + [end_of_turn_id(tokenizer)]))
+    generation.save_pretrained(folder)
 
 
 def saved_student_dtype(config: dict) -> torch.dtype | None:

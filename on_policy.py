@@ -19,6 +19,7 @@ import time
 import torch
 
 from common import ConfigError
+from data import end_of_turn_id
 
 # Batch keys that carry the prompt and the sampled completions to the trainer; never passed to a model.
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
@@ -54,22 +55,6 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
     if config["training"].get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ConfigError("on_policy.fraction > 0 is not implemented under FSDP (generation would need the sharded "
                           "student gathered); launch with DDP or DeepSpeed ZeRO-3 instead.")
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with (<|im_end|> in ChatML), found by rendering a
-    one-turn conversation: generation stops at it, and a completion is labelled through it."""
-    from data import assistant_char_spans
-
-    text, spans = assistant_char_spans(tokenizer, [{"role": "user", "content": "Hi"},
-                                                   {"role": "assistant", "content": "Yes"}])
-    start, end = spans[-1]
-    marker = text[start:end].split("Yes", 1)[-1].strip()
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    if len(ids) != 1:
-        raise ConfigError(f"the chat template ends an assistant turn with {marker!r}, which is {len(ids)} tokens; "
-                          "on-policy sampling needs a single end-of-turn token to stop at. Use a template that has one.")
-    return ids[0]
 
 
 def samples_this_batch(seed: int, step: int, micro_batch: int, fraction: float) -> bool:

@@ -245,8 +245,8 @@ def main() -> None:
             start = time.time()
             label = variant.replace(":", "-").replace(",", "-").replace("=", "")
             same = name.endswith("_same")
-            # template=own: the student renders with its own (Llama-3-style) template; chatml: with ChatML (both
-            # scripts' default); unset: the script's default.
+            # template=own: the student renders with its own (Llama-3-style) template, the scripts' default; chatml:
+            # with ChatML, the earlier default, now refused on this student's tokenizer (no <|im_start|> token).
             template = {"own": None, "chatml": CHATML_TEMPLATE}.get(overrides.pop("template", "default"), "default")
             if name.startswith("sft"):
                 config = student_config(paths, label, seed, distil_logits, same, alpha=0.0, **overrides)

@@ -420,7 +420,9 @@ def what_it_does(full: bool) -> str:
                  f"({demo['tokenizer_b']['vocab_size']} tokens, trained on other rows), where it also learns by logit "
                  f"KD across tokenizers ({', '.join(CROSS_TOKENIZER_ROWS)}); on-policy vs off-policy KD from the SFT "
                  f"student")
-    return text + f". Held-out cross-entropy on the assistant tokens of {demo['eval_rows']} unseen rows (lower is better):"
+    return text + (f". Held-out cross-entropy on the assistant tokens of {demo['eval_rows']} unseen rows (lower is "
+                   "better; per-token CE compares only on the same rendering, and every row renders the same ChatML "
+                   "text):")
 
 
 def main() -> None:

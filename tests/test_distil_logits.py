@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_logits
 from common import ConfigError, deep_merge, load_overrides
+from data import CHATML_TEMPLATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,12 +62,15 @@ def test_end_to_end_with_spectrum(assets, tmp_path):
     assert "logit distillation: loss = 0.5 * KD + 0.5 * CE, KD = forward_kl at temperature 2.0" in card
     assert "[None]" not in card and "trained with SFT" not in card
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template == config["tokenizer"]["chat_template"]
+    assert tokenizer.chat_template == CHATML_TEMPLATE  # the tokenizer's own (chat_template: None)
     student = AutoModelForCausalLM.from_pretrained(out)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit that is red."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)
-    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    generated = student.generate(**prompt, max_new_tokens=5, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    # The saved generation_config stops at <|im_end|> as well as at <|endoftext|> (test_chat_template.py).
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert student.generation_config.eos_token_id == stops
+    assert len(generated) == 5 or (1 <= len(generated) < 5 and generated[-1] in stops)
 
 
 def test_saved_tokenizer_round_trips_next_to_a_qwen2_config(assets):

@@ -121,7 +121,7 @@ def test_a_finished_runs_saved_config_does_not_resume(assets, tmp_path):
     trainer = types.SimpleNamespace(save_state=lambda: None, save_model=lambda folder: None,
                                     accelerator=types.SimpleNamespace(is_main_process=True),
                                     state=types.SimpleNamespace(log_history=[]))
-    save_finished_run(trainer, types.SimpleNamespace(save_pretrained=lambda folder: None), config)
+    save_finished_run(trainer, types.SimpleNamespace(save_pretrained=lambda folder: None, chat_template=None), config)
     saved = json.loads((tmp_path / "out" / "distillation_config.json").read_text())
     assert saved["training"]["resume_from_checkpoint"] is None
     assert '"resume_from_checkpoint": null' in (tmp_path / "out" / "README.md").read_text()
