@@ -88,7 +88,7 @@ def test_padded_head_rows_are_never_sampled(assets):
         assert int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax()) >= assets["vocab"]
     ids, mask = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     state = torch.random.get_rng_state()
-    settings = {"temperature": 1.0, "top_p": 1.0}
+    settings = {"sampling_temperature": 1.0, "top_p": 1.0}
     first = on_policy.sample_completions(model, ids, mask, settings, [1], 0, assets["vocab"], 7, 8)
     assert torch.equal(state, torch.random.get_rng_state())
     assert max(max(row) for row in first) < assets["vocab"]
@@ -104,8 +104,9 @@ def mixed_data(tmp_path_factory):
 
 def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, monkeypatch):
     """Fraction 1 keeps the prompt-only rows (fraction 0.5 drops them: a dataset batch needs answers). Every
-    micro-batch samples; the teacher reads exactly prompt + the student's own completion; the sampled tokens are
-    labelled, the prompt tokens are not; the student's weights move."""
+    micro-batch samples, and each step generates once for both of its micro-batches; the teacher reads exactly
+    prompt + the student's own completion; the sampled tokens are labelled, the prompt tokens are not; the student's
+    weights move."""
     generated, teacher_inputs = [], []
     sample = on_policy.sample_completions
 
@@ -134,12 +135,15 @@ def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, mo
     logs = [log for log in trainer.state.log_history if "kd_loss_on_policy" in log]
     assert len(logs) == 2 and all("kd_loss" not in log and "ce_loss" not in log for log in logs)
     assert all(0 < log["completion_length"] <= 6 and log["sampling_tokens_per_second"] > 0 for log in logs)
-    assert len(generated) == len(built) == 4  # 2 steps x 2 micro-batches, every one sampled
+    assert len(generated) == 2 and len(built) == 4  # 2 steps x 2 micro-batches, every one sampled, one generate a step
+    assert all(len(completions) == 4 for _, _, completions in generated)  # both micro-batches' 2 rows
     # The first two teacher calls are the head check (heads.check_head_matches_forward); then one per micro-batch.
     assert len(teacher_inputs) == 2 + 4
-    for (prompt_ids, prompt_mask, completions), batch, seen in zip(generated, built, teacher_inputs[2:]):
+    for micro_batch, (batch, seen) in enumerate(zip(built, teacher_inputs[2:])):
         assert torch.equal(seen.cpu(), batch["input_ids"])
-        for row, (ids, mask, completion) in enumerate(zip(prompt_ids, prompt_mask, completions)):
+        prompt_ids, prompt_mask, completions = generated[micro_batch // 2]
+        rows = slice(2 * (micro_batch % 2), 2 * (micro_batch % 2) + 2)
+        for row, (ids, mask, completion) in enumerate(zip(prompt_ids[rows], prompt_mask[rows], completions[rows])):
             prompt = ids[mask.bool()].tolist()
             length = int(batch["completion_lengths"][row])
             assert batch["input_ids"][row, :len(prompt)].tolist() == prompt
@@ -203,8 +207,10 @@ def test_batch_of_4_equals_two_accumulated_batches_of_2_with_unequal_completions
     monkeypatch.setattr(on_policy, "sample_completions", fixed_and_recorded)
     sgd_step(assets, str(tmp_path / "a"), 4, 1)
     sgd_step(assets, str(tmp_path / "b"), 2, 2)
-    first, second = lengths[1:]  # the 2 x 2 run's micro-batches: unequal token counts, so per-micro-batch means differ
-    assert lengths[0] == first + second and sum(first) != sum(second) and len(set(first + second)) > 1
+    assert len(lengths) == 2  # one generation per step: the 2 x 2 run samples its 4 rows together too
+    # The 2 x 2 run's micro-batches have unequal token counts, so per-micro-batch means would differ.
+    first, second = lengths[1][:2], lengths[1][2:]
+    assert lengths[0] == lengths[1] and sum(first) != sum(second) and len(set(first + second)) > 1
     start, a, b = weights(assets["student"]), weights(str(tmp_path / "a")), weights(str(tmp_path / "b"))
     assert any(not torch.equal(start[name], a[name]) for name in start)
     for name in a:
@@ -231,7 +237,8 @@ def test_fraction_zero_trains_bit_identically(assets, tmp_path, monkeypatch):
 def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
     """Steps 2 and 3 of an uninterrupted run and of a run resumed from checkpoint-1 sample in the same micro-batches
     (at seed 42 and fraction 0.5: step 1's first, both of step 2's, none of step 3's) and the same tokens: the
-    decision and the generator are seeded by seed, step, micro-batch and rank, not by the global RNG."""
+    decision is seeded by seed, step and micro-batch, the step's one generation by seed, step and rank, not by the
+    global RNG."""
     samples = {}
     sample = on_policy.sample_completions
 
@@ -256,7 +263,8 @@ def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
             path = os.path.join(interrupted, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run(interrupted, resume=True)
-    assert len(full) == 3 and len(samples) == 2  # step 1's sample is not taken again after the resume
+    assert [len(rows) for value in full.values() for rows in value] == [2, 4]  # step 1: 1 micro-batch, step 2: both
+    assert len(samples) == 1  # step 1's sample is not taken again after the resume
     assert samples == {seed: value for seed, value in full.items() if seed in samples}
 
 
@@ -264,6 +272,8 @@ def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
     ({"fraction": 1.5}, r"on_policy.fraction must be in \[0, 1\]"),
     ({"max_new_tokens": 0}, "on_policy.max_new_tokens must be an integer >= 1"),
     ({"temperature": 0}, "on_policy.temperature must be > 0"),
+    ({"sampling_temperature": 0}, "on_policy.sampling_temperature must be > 0"),
+    ({"divergence": "kl"}, "on_policy.divergence 'kl' is unknown"),
     ({"top_p": 0}, r"on_policy.top_p must be in \(0, 1\]"),
 ])
 def test_bad_settings_stop_before_writing(assets, tmp_path, change, message):
