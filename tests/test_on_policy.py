@@ -283,6 +283,101 @@ def test_bad_settings_stop_before_writing(assets, tmp_path, change, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_sampled_micro_batches_train_on_policys_divergence_and_temperature(assets, tmp_path, monkeypatch):
+    """distillation says forward KL at T = 2 and only on_policy.fraction is set: the dataset micro-batch trains
+    forward KL at T = 2, the sampled one reverse KL at T = 1 (on_policy's defaults), its kd_loss equal to the
+    reference formula on the same batch (losses.logit_distillation_loss, full logits) and not to forward KL at T = 2.
+    At seed 42 and fraction 0.5, step 1's first micro-batch samples and its second does not. The teacher's head is
+    sharpened (x 50): near-uniform tiny models give about the same T^2-scaled KL in both directions and at both T."""
+    from transformers import AutoModelForCausalLM
+
+    from losses import logit_distillation_loss
+
+    sharp = str(tmp_path / "sharp_teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight *= 50
+    teacher.save_pretrained(sharp)
+    for name in os.listdir(assets["tokenizer"]):
+        shutil.copy(os.path.join(assets["tokenizer"], name), sharp)
+
+    calls = []
+    student_loss = distil_logits.student_loss
+
+    def recording(model, inputs, labels, answer, terms):
+        outputs = student_loss(model, inputs, labels, answer, terms)
+        calls.append((inputs["input_ids"].clone(), labels.clone(), terms, outputs["kd_loss"].detach().clone()))
+        return outputs
+
+    monkeypatch.setattr(distil_logits, "student_loss", recording)
+    config = on_policy_config({**assets, "teacher": sharp}, str(tmp_path / "out"), fraction=0.5)
+    config["distillation"].update(divergence="forward_kl", temperature=2.0)
+    config["training"].update(max_steps=1)
+    distil_logits.main(config)
+    assert [(terms.divergence, terms.temperature, terms.kd_weight) for _, _, terms, _ in calls[-2:]] == [
+        ("reverse_kl", 1.0, 1.0), ("forward_kl", 2.0, 0.5)]
+    input_ids, labels, terms, kd_loss = calls[-2]
+    student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (assets["student"], sharp))
+    with torch.no_grad():
+        logits = [model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != 0)).logits
+                  for model in (student, teacher)]
+    reference = {divergence: logit_distillation_loss(*logits, labels, divergence, temperature,
+                                                     vocab_size=assets["vocab"],
+                                                     num_items_in_batch=terms.num_items_in_batch)
+                 for divergence, temperature in (("reverse_kl", 1.0), ("forward_kl", 2.0))}
+    torch.testing.assert_close(kd_loss, reference["reverse_kl"], rtol=1e-4, atol=1e-6)
+    assert not torch.isclose(kd_loss, reference["forward_kl"], rtol=0.03)
+
+
+def tokenizer_with_end_of_turn(assets):
+    tokenizer, _ = end_of_turn(assets)
+    return tokenizer
+
+
+@pytest.mark.parametrize("settings,warned", [
+    ({"sampling_temperature": 0.7, "top_p": 1.0}, "sampling_temperature 0.7"),
+    ({"sampling_temperature": 1.0, "top_p": 0.9}, "top_p 0.9"),
+    ({"sampling_temperature": 1.0, "top_p": 1.0}, None),
+])
+def test_sampling_that_is_not_the_students_own_distribution_is_warned_once(assets, capsys, settings, warned):
+    on_policy.OnPolicySampler({"fraction": 1.0, "max_new_tokens": 8, **settings}, tokenizer_with_end_of_turn(assets),
+                              assets["vocab"], 64, seed=0)
+    printed = capsys.readouterr().out
+    if warned is None:
+        assert printed == ""
+    else:
+        assert printed.count("warning:") == 1 and warned in printed and "student's own distribution" in printed
+
+
+def test_degenerate_samples_are_warned_and_healthy_ones_are_not(assets, capsys):
+    """A step whose completions all run out of room without an end-of-turn token, or repeat themselves ("1 1 1 ..."),
+    warns, at most once per WARN_EVERY_STEPS steps; the tiny data's real answers, ended by <|im_end|>, do not (nor do
+    they when some of them are cut)."""
+    tokenizer = tokenizer_with_end_of_turn(assets)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [turn["value"] for row in CONVERSATIONS[:4] for turn in row["conversations"] if turn["from"] in ("gpt", "assistant")]
+    healthy = [tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot] for answer in answers]
+    assert on_policy.degenerate_samples(healthy, {eot}) is None
+    assert on_policy.degenerate_samples([healthy[0][:-1]] + healthy[1:], {eot}) is None  # one cut at the cap
+    ones = tokenizer("1", add_special_tokens=False)["input_ids"]
+    repeated = [ones * 16 for _ in range(4)]
+    assert "all 4 completions ran out of room" in on_policy.degenerate_samples(repeated, {eot})
+    assert "of their 4-grams repeat" in on_policy.degenerate_samples(repeated, {eot})
+    assert on_policy.degenerate_samples([row + [eot] for row in repeated], {eot}).endswith("4-grams repeat an earlier one")
+    assert on_policy.degenerate_samples([answer[:-1] for answer in healthy], {eot}).startswith(f"all {len(healthy)} completions")
+
+    sampler = on_policy.OnPolicySampler({"fraction": 1.0, "max_new_tokens": 16, "sampling_temperature": 1.0,
+                                         "top_p": 1.0}, tokenizer, assets["vocab"], 64, seed=0)
+    for step in range(sampler.WARN_EVERY_STEPS + 1):
+        sampler.check_health(healthy, step)
+    assert capsys.readouterr().out == ""
+    for step in range(sampler.WARN_EVERY_STEPS + 1):
+        sampler.check_health(repeated, step)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1] for line in printed] == [" step 1", f" step {sampler.WARN_EVERY_STEPS + 1}"]
+    assert all("too weak" in line and "SFT or off-policy KD first" in line for line in printed)
+
+
 def test_offline_capture_is_refused_with_sampling(assets, tmp_path):
     config = on_policy_config(assets, str(tmp_path / "out"))
     config["offline"].update(mode="capture", capture_dir=str(tmp_path / "capture"))
