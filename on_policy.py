@@ -330,7 +330,7 @@ class OnPolicySampler:
         device = batches[next(iter(prompts))]["input_ids"].device
         prompt_ids, prompt_mask = left_padded(rows, self.pad_token_id, device)
         room = self.max_length - min(len(prompt) for prompt in rows)
-        # CUDA events, not the wall clock: the previous step's kernels may still be queued when this one starts.
+        # On a GPU a CUDA event (TrainingSpeed): the wall clock would also count the previous step's queued kernels.
         start = self.speed.start()
         with student_for_generation(model_wrapped, accelerator, zero3) as student, autocast():
             completions = sample_completions(
