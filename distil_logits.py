@@ -28,8 +28,8 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
 - Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
 - On-policy (`on_policy.fraction` > 0, on_policy.py): a sampled micro-batch replaces each row's last answer by the
   student's own completion of the prompt; its loss is KD alone (no ground truth for CE) on the completion tokens,
-  with the same N (the step's counted tokens, completions included). Reverse KL at T = 1 is recommended
-  (docs/on-policy.md).
+  with the same N (the step's counted tokens, completions included), and with the on_policy block's own D and T
+  (default reverse KL at T = 1, the student's samples' own distribution; docs/on-policy.md).
 - A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
   i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
   vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
@@ -108,8 +108,10 @@ config = {
     "on_policy": {
         "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
         "max_new_tokens": 256,  # length of a sampled completion (also capped by tokenizer.max_length)
-        "temperature": 1.0,  # sampling temperature of the student (1: its own distribution)
-        "top_p": 1.0,  # nucleus sampling (1: the whole vocabulary)
+        "divergence": "reverse_kl",  # KD on sampled micro-batches (distillation.divergence's choices); reverse_kl: KL(student || teacher)
+        "temperature": 1.0,  # loss temperature on sampled micro-batches (times T^2); 1 compares the distributions sampled from
+        "sampling_temperature": 1.0,  # the student's sampling temperature (1: its own distribution; else a warning)
+        "top_p": 1.0,  # nucleus sampling (1: the whole vocabulary; else a warning)
     },
     "offline": {
         "mode": None,  # None: teacher runs next to the student | capture: store its top-k and stop | train: learn from a capture
@@ -192,7 +194,7 @@ class LogitsTrainer(DistillationTrainer):
     """DistillationTrainer whose loss is alpha * KD(teacher || student) + (1 - alpha) * CE (the module docstring's
     formula) against the teacher signal main chose: the teacher in this process, a capture, or a teacher on another
     tokenizer. An on-policy run (`on_policy`) samples before the step's tokens are counted and trains on the sampled
-    micro-batches with KD alone."""
+    micro-batches with KD alone, at on_policy's divergence and temperature."""
 
     def __init__(self, *args, on_policy: OnPolicySampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -208,10 +210,11 @@ class LogitsTrainer(DistillationTrainer):
         answer = self.teacher_answer(inputs, mode)
         alpha, distillation = self.distillation["alpha"], self.distillation
         sampled = COMPLETION_LENGTHS in inputs  # the student's own completions: KD alone, there is no ground truth
+        kd = self.on_policy.settings if sampled else distillation  # on_policy has its own divergence and temperature
         outputs = student_loss(model, model_inputs(inputs), labels, answer, LossTerms(
             kd_weight=1.0 if sampled else alpha, ce_weight=0.0 if sampled else 1 - alpha,
-            num_items_in_batch=num_items_in_batch, divergence=distillation["divergence"],
-            temperature=distillation["temperature"], vocab_size=self.vocab_size,
+            num_items_in_batch=num_items_in_batch, divergence=kd["divergence"],
+            temperature=kd["temperature"], vocab_size=self.vocab_size,
             memory_budget_mb=distillation["loss_memory_mb"], beta=distillation["beta"], skew=distillation["skew"]))
         parts = dict(kd_loss=(outputs["kd_loss"], num_items_in_batch, batch_tokens),
                      ce_loss=(outputs["ce_loss"], num_items_in_batch, batch_tokens))

@@ -66,12 +66,14 @@ def validate_config(config: dict, keys: dict, check_method: Callable[[dict], Non
 
 
 class TrainingSpeed:
-    """This process's non-padding tokens per second of forward and backward (teacher included), between two logs.
+    """This process's non-padding tokens per second of forward and backward (teacher included), between two logs; with
+    another `name`, any timed work's tokens per second (on_policy.py times generation with it).
 
     Nothing here waits for the device per micro-step: tokens are summed on the device, and on a GPU each micro-step is
     timed by a pair of CUDA events that are read (one synchronisation) only when the speed is logged."""
 
-    def __init__(self):
+    def __init__(self, name: str = "training_tokens_per_second"):
+        self.name = name
         self.tokens, self.seconds, self.events = 0, 0.0, []
 
     def start(self):
@@ -85,7 +87,11 @@ class TrainingSpeed:
     def add(self, inputs: dict, start) -> None:
         """Count a finished micro-step that began at the mark `start`."""
         mask = inputs.get("attention_mask")  # absent in a padding-free packed batch, which has no padding
-        self.tokens = self.tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+        self.add_tokens(mask.sum() if mask is not None else inputs["input_ids"].numel(), start)
+
+    def add_tokens(self, tokens, start) -> None:
+        """Count `tokens` (an int or a device tensor) of work that began at the mark `start` and ends now."""
+        self.tokens = self.tokens + tokens
         if isinstance(start, float):
             self.seconds += time.perf_counter() - start
         else:
@@ -97,7 +103,7 @@ class TrainingSpeed:
         if self.events:
             self.events[-1][1].synchronize()
             self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
-        speed = {"training_tokens_per_second": float(self.tokens) / self.seconds} if self.seconds > 0 else {}
+        speed = {self.name: float(self.tokens) / self.seconds} if self.seconds > 0 else {}
         self.tokens, self.seconds, self.events = 0, 0.0, []
         return speed
 

@@ -122,8 +122,10 @@ def describe_method(config: dict) -> str:
     alpha = distillation["alpha"]
     offline = (config.get("offline") or {}).get("mode")
     source = f", the teacher's top-{config['offline']['top_k']} read from a capture" if offline == "train" else ""
-    fraction = (config.get("on_policy") or {}).get("fraction") or 0
-    sampled = f"; on {fraction:.0%} of micro-batches KD alone on the student's own samples (on-policy)" if fraction else ""
+    on_policy = config.get("on_policy") or {}
+    fraction = on_policy.get("fraction") or 0
+    sampled = (f"; on {fraction:.0%} of micro-batches KD alone on the student's own samples (on-policy: "
+               f"{on_policy.get('divergence')} at temperature {on_policy.get('temperature')})") if fraction else ""
     cross = distillation.get("cross_tokenizer")
     across = f", across tokenizers ({cross}: aligned by character offset)" if cross else ""
     return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{across}{source}{sampled}"

@@ -3,10 +3,12 @@ student writes its own completion of each row's prompt, the teacher scores every
 minimises the per-token divergence on exactly those tokens (KD alone: there is no ground truth to take a CE against).
 
 What lives here is mechanics, shared by nothing else: which micro-batches sample (decided from the seed, the same on
-every process and after a resume), the collator that carries each row's prompt, batched KV-cache generation with the
-student in eval mode (ZeRO-3 parameters gathered once per generation), the re-labelled batch, the optimizer step's
-micro-batches as the trainer takes them (`OnPolicySampler.step_micro_batches`) and the loss parts it logs
-(`on_policy_parts`). distil_logits.py owns the `on_policy` config block and the few trainer lines that call this.
+every process and after a resume), the collator that carries each row's prompt, one batched KV-cache generation per
+optimizer step for all of its sampled rows, with the student in eval mode and ignoring its checkpoint's
+generation_config (ZeRO-3 parameters gathered once per step), the re-labelled batches, a warning when the samples look
+degenerate, the optimizer step's micro-batches as the trainer takes them (`OnPolicySampler.step_micro_batches`) and
+the loss parts it logs (`on_policy_parts`). distil_logits.py owns the `on_policy` config block and the few trainer
+lines that call this.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import time
 
 import torch
 
-from common import ConfigError
+from common import ConfigError, print_rank0
 from data import end_of_turn_id
+from losses import DIVERGENCES
 
 # Batch keys that carry the prompt and the sampled completions to the trainer; never passed to a model.
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
@@ -35,9 +37,14 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
     if isinstance(on_policy["max_new_tokens"], bool) or not isinstance(on_policy["max_new_tokens"], int) \
             or on_policy["max_new_tokens"] < 1:
         raise ConfigError(f"on_policy.max_new_tokens must be an integer >= 1, got {on_policy['max_new_tokens']!r}.")
-    if not isinstance(on_policy["temperature"], (int, float)) or on_policy["temperature"] <= 0:
-        raise ConfigError(f"on_policy.temperature must be > 0 (1 samples the student's own distribution), got "
-                          f"{on_policy['temperature']!r}.")
+    if on_policy["divergence"] not in DIVERGENCES:
+        raise ConfigError(f"on_policy.divergence {on_policy['divergence']!r} is unknown; choose one of "
+                          f"{', '.join(DIVERGENCES)} (reverse_kl is the on-policy objective).")
+    for key, meaning in (("temperature", "the loss's temperature on sampled micro-batches; 1 compares the "
+                                         "distributions the student samples from"),
+                         ("sampling_temperature", "1 samples the student's own distribution")):
+        if isinstance(on_policy[key], bool) or not isinstance(on_policy[key], (int, float)) or on_policy[key] <= 0:
+            raise ConfigError(f"on_policy.{key} must be > 0 ({meaning}), got {on_policy[key]!r}.")
     if not isinstance(on_policy["top_p"], (int, float)) or not 0 < on_policy["top_p"] <= 1:
         raise ConfigError(f"on_policy.top_p must be in (0, 1] (1: no nucleus cut), got {on_policy['top_p']!r}.")
     if fraction == 0:
@@ -66,9 +73,21 @@ def samples_this_batch(seed: int, step: int, micro_batch: int, fraction: float) 
     return random.Random(f"on-policy:{seed}:{step}:{micro_batch}").random() < fraction
 
 
-def generation_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
-    """The torch seed of one generation: other processes sample other completions, a resumed run the same ones."""
-    return random.Random(f"on-policy-sample:{seed}:{step}:{micro_batch}:{rank}").getrandbits(63)
+def generation_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of optimizer step `step`'s one generation on process `rank`: other processes sample other
+    completions, a resumed run the same ones."""
+    return random.Random(f"on-policy-sample:{seed}:{step}:{rank}").getrandbits(63)
+
+
+def sampling_warning(settings: dict) -> str | None:
+    """The warning for sampling settings that are not neutral (None when they are): the samples then come from a
+    sharpened or truncated student, not from the distribution the reverse KL is the divergence of."""
+    changed = [f"{key} {settings[key]}" for key in ("sampling_temperature", "top_p") if settings[key] != 1]
+    if not changed:
+        return None
+    return (f"warning: on_policy samples at {' and '.join(changed)}: the completions no longer come from the "
+            "student's own distribution, so the on-policy loss on them is no longer an estimate of "
+            "KL(student || teacher). Set on_policy.sampling_temperature: 1 and top_p: 1 unless you mean it.")
 
 
 class PromptCollator:
@@ -154,33 +173,98 @@ def student_for_generation(model_wrapped: torch.nn.Module, accelerator, zero3: b
         student.train(was_training)
 
 
+def neutral_generation_config(settings: dict, stop_ids: list[int], pad_token_id: int, max_new_tokens: int):
+    """A GenerationConfig that samples from the student's own distribution at `settings["sampling_temperature"]` and
+    `top_p`, with every other field that shapes, cuts or stops the samples set to its neutral value.
+
+    generate fills each field left at None from the checkpoint's generation_config, then from its global defaults
+    (top_k 50). Fields whose neutral value is a number are set here; the ones whose only neutral value is None
+    (min_p, top_h, suppress_tokens, begin_suppress_tokens, bad_words_ids, sequence_bias, forced_bos/eos_token_id,
+    exponential_decay_length_penalty, guidance_scale, watermarking_config, stop_strings, max_time) cannot be set
+    here, so `sample_completions` hides the checkpoint's generation_config while it generates."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=float(settings["sampling_temperature"]), top_p=float(settings["top_p"]), top_k=0,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, min_new_tokens=0,
+        renormalize_logits=False, remove_invalid_values=False, token_healing=False, num_beams=1,
+        num_return_sequences=1, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
+        pad_token_id=pad_token_id, use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def without_checkpoint_generation_config(student: torch.nn.Module):
+    """The student with a blank generation_config: generate then takes no field from the checkpoint's (a min_p,
+    suppress_tokens or max_time saved with the model would otherwise apply), only from the config it is given and
+    its global defaults."""
+    from transformers import GenerationConfig
+
+    saved = student.generation_config
+    student.generation_config = GenerationConfig()
+    try:
+        yield student
+    finally:
+        student.generation_config = saved
+
+
 def sample_completions(student: torch.nn.Module, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
                        settings: dict, stop_ids: list[int], pad_token_id: int, vocab_size: int, seed: int,
                        max_new_tokens: int) -> list[list[int]]:
     """Sample one completion per left-padded prompt with the KV cache, from the student's own distribution at
-    `settings["temperature"]` and `top_p` (no top-k, no repetition penalty, whatever the model's generation_config
-    says). The global RNG is left as it was (fork_rng): dropout and data order do not depend on whether a batch
-    sampled. Returns the new tokens of each row (with generate's padding after a stop token)."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    `settings["sampling_temperature"]` and `top_p` (no top-k, no repetition penalty, nothing from the checkpoint's
+    generation_config: `neutral_generation_config`). The global RNG is left as it was (fork_rng): dropout and data
+    order do not depend on whether a step sampled. Returns the new tokens of each row (with generate's padding after
+    a stop token)."""
+    from transformers import LogitsProcessorList
 
-    generation_config = GenerationConfig(
-        do_sample=True, temperature=float(settings["temperature"]), top_p=float(settings["top_p"]), top_k=0,
-        min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-        max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_token_id, use_cache=True,
-    )
+    generation_config = neutral_generation_config(settings, stop_ids, pad_token_id, max_new_tokens)
     head_rows = student.get_output_embeddings().weight.shape[0]
     processors = LogitsProcessorList([_RealVocabulary(vocab_size)] if head_rows > vocab_size else [])
     devices = [prompt_input_ids.device] if prompt_input_ids.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), without_checkpoint_generation_config(student):
         torch.manual_seed(seed)
         output = student.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask,
                                   generation_config=generation_config, logits_processor=processors)
     return output[:, prompt_input_ids.shape[1]:].tolist()
 
 
+def left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded batch (ids, attention mask), as generate takes them."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[pad_token_id] * (width - len(prompt)) + prompt for prompt in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts], device=device)
+    return ids, mask
+
+
+def degenerate_samples(completions: list[list[int]], stop_ids: set[int], ngram: int = 4,
+                       max_repeated_share: float = 0.5) -> str | None:
+    """What makes a step's sampled completions (as labelled: through the first stop token) look degenerate, or None:
+    every one of them ran out of room without an end-of-turn token, or more than `max_repeated_share` of their
+    `ngram`-grams repeat one earlier in the same completion ("1 1 1 1 ..."). Either is what a student too weak to
+    write a turn samples."""
+    reasons = []
+    if completions and not any(completion and completion[-1] in stop_ids for completion in completions):
+        reasons.append(f"all {len(completions)} completions ran out of room with no end-of-turn token")
+    grams = repeated = 0
+    for completion in completions:
+        seen = set()
+        for start in range(len(completion) - ngram + 1):
+            gram = tuple(completion[start:start + ngram])
+            grams, repeated = grams + 1, repeated + (gram in seen)
+            seen.add(gram)
+    if grams and repeated / grams > max_repeated_share:
+        reasons.append(f"{repeated / grams:.0%} of their {ngram}-grams repeat an earlier one")
+    return "; ".join(reasons) or None
+
+
 class OnPolicySampler:
     """Replaces the sampled micro-batches of an optimizer step by the student's completions (called by the trainer's
     get_batch_samples, before the step's tokens are counted), and keeps the sampling time for the tokens/s log."""
+
+    # A degenerate-samples warning is repeated at most once per this many optimizer steps.
+    WARN_EVERY_STEPS = 50
 
     def __init__(self, settings: dict, tokenizer, vocab_size: int, max_length: int, seed: int):
         self.settings = settings
@@ -189,8 +273,13 @@ class OnPolicySampler:
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.seed = seed
-        self.sampled_tokens = 0
-        self.sampling_seconds = 0.0
+        from distillation_trainer import TrainingSpeed  # here: distillation_trainer imports this module (its keys)
+
+        self.speed = TrainingSpeed("sampling_tokens_per_second")
+        self.warned_at_step = None
+        warning = sampling_warning(settings)
+        if warning:
+            print_rank0(warning)
 
     def step_micro_batches(self, trainer, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
         """The Trainer's get_batch_samples, except that the micro-batches that sample are replaced by the student's
@@ -210,36 +299,57 @@ class OnPolicySampler:
 
     def replace(self, batches: list[dict], step: int, model_wrapped, accelerator, zero3: bool, autocast) -> list[dict]:
         """`batches` with every sampled one re-built from the student's completions; the prompt keys are dropped from
-        all of them, so a dataset batch is exactly what the plain collator gives."""
-        out = []
+        all of them, so a dataset batch is exactly what the plain collator gives.
+
+        All sampled micro-batches of the step are generated together: their rows, in micro-batch order, form one
+        left-padded batch and one generate call (seeded by seed, step and process), so the student is gathered (ZeRO-3)
+        and decodes once per step, at the step's whole batch instead of micro-batch by micro-batch."""
+        prompts = {}
         for index, batch in enumerate(batches):
             prompt_ids, prompt_mask = (batch.pop(key) for key in PROMPT_KEYS)
-            if not samples_this_batch(self.seed, step, index, self.settings["fraction"]):
-                out.append(batch)
-                continue
-            prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
-            room = self.max_length - min(len(prompt) for prompt in prompts)
-            start = time.perf_counter()
-            with student_for_generation(model_wrapped, accelerator, zero3) as student, autocast():
-                completions = sample_completions(
-                    student, prompt_ids, prompt_mask, self.settings, self.stop_ids, self.pad_token_id,
-                    self.vocab_size, generation_seed(self.seed, step, index, accelerator.process_index),
-                    min(self.settings["max_new_tokens"], room))
-            self.sampling_seconds += time.perf_counter() - start
-            sampled = label_completions(prompts, completions, set(self.stop_ids), self.max_length, self.pad_token_id)
-            self.sampled_tokens += int(sampled[COMPLETION_LENGTHS].sum())
-            out.append({key: value.to(batch["input_ids"].device) for key, value in sampled.items()})
+            if samples_this_batch(self.seed, step, index, self.settings["fraction"]):
+                prompts[index] = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+        if not prompts:
+            return batches
+        rows = [prompt for index in prompts for prompt in prompts[index]]
+        device = batches[next(iter(prompts))]["input_ids"].device
+        prompt_ids, prompt_mask = left_padded(rows, self.pad_token_id, device)
+        room = self.max_length - min(len(prompt) for prompt in rows)
+        # On a GPU a CUDA event (TrainingSpeed): the wall clock would also count the previous step's queued kernels.
+        start = self.speed.start()
+        with student_for_generation(model_wrapped, accelerator, zero3) as student, autocast():
+            completions = sample_completions(
+                student, prompt_ids, prompt_mask, self.settings, self.stop_ids, self.pad_token_id, self.vocab_size,
+                generation_seed(self.seed, step, accelerator.process_index), min(self.settings["max_new_tokens"], room))
+        out, labelled, first = list(batches), [], 0
+        for index, batch_prompts in prompts.items():
+            sampled = label_completions(batch_prompts, completions[first:first + len(batch_prompts)],
+                                        set(self.stop_ids), self.max_length, self.pad_token_id)
+            first += len(batch_prompts)
+            for row, prompt, length in zip(sampled["input_ids"].tolist(), batch_prompts,
+                                           sampled[COMPLETION_LENGTHS].tolist()):
+                labelled.append(row[len(prompt):len(prompt) + length])
+            out[index] = {key: value.to(device) for key, value in sampled.items()}
+        self.speed.add_tokens(sum(map(len, labelled)), start)
+        self.check_health(labelled, step)
         return out
 
+    def check_health(self, completions: list[list[int]], step: int) -> None:
+        """Warn (main process, its own samples, at most once per WARN_EVERY_STEPS steps) when the step's completions
+        look degenerate: training on them teaches the student its own noise."""
+        reason = degenerate_samples(completions, set(self.stop_ids))
+        if reason is None or (self.warned_at_step is not None and step < self.warned_at_step + self.WARN_EVERY_STEPS):
+            return
+        self.warned_at_step = step
+        print_rank0(f"warning: step {step + 1}: the student's own samples look degenerate ({reason}). A student too "
+                    "weak to write a turn learns its own noise on-policy: start from a student that already answers "
+                    "(SFT or off-policy KD first, docs/on-policy.md#preconditions), or, if its answers are only "
+                    "long, raise on_policy.max_new_tokens.")
+
     def pop_speeds(self) -> dict[str, float]:
-        """This process's sampling tokens/s since the last log (sampled completion tokens per second of generate),
-        then reset. The trainer logs the training tokens/s in every mode."""
-        speeds = {}
-        if self.sampling_seconds > 0:
-            speeds["sampling_tokens_per_second"] = self.sampled_tokens / self.sampling_seconds
-        self.sampled_tokens = 0
-        self.sampling_seconds = 0.0
-        return speeds
+        """This process's sampling tokens/s since the last log (sampled completion tokens per second of the step's
+        generation, the ZeRO-3 gather included), then reset. The trainer logs the training tokens/s in every mode."""
+        return self.speed.pop()
 
 
 def on_policy_parts(outputs: dict, inputs: dict, num_items_in_batch, batch_tokens: torch.Tensor) -> dict:

@@ -3,13 +3,15 @@ GKDTrainer (lmbda 1, beta 1 = reverse KL), same tiny models, prompts, batch, sam
 
     python bench/on_policy_bench.py                       # both, each in a fresh process; writes bench/output/on_policy.json
     python bench/on_policy_bench.py --batch 8 --max-new-tokens 64 --steps 5
+    python bench/on_policy_bench.py --batch 1 --accumulation 8 --variant ours   # the dict's default step shape, ours only
 
 Variants: ours (activation checkpointing off), gkd (GKDTrainer with gradient_checkpointing off, so it generates with
 the KV cache as ours does), gkd_default (GKDTrainer's default gradient_checkpointing=True: it then generates without
 the KV cache and recomputes activations in backward).
 
-Per variant: the median wall time of an optimizer step after the first (one micro-batch: sample, teacher and student
-forward, backward, AdamW, and the Trainer's logging; from one step's end to the next), the completion tokens it trained on, completion tokens per second of the whole step, and
+Per variant: the median wall time of an optimizer step after the first (`--accumulation` micro-batches of `--batch`
+rows: sample, teacher and student forward, backward, AdamW, and the Trainer's logging; from one step's end to the
+next), the completion tokens it trained on, completion tokens per second of the whole step, and
 the peak resident memory (VmHWM) grown during training over the resident size before it (CPU), or
 torch.cuda.max_memory_allocated (GPU). Both variants stop sampling at the same tokens (<|im_end|>, <|endoftext|>): the
 student's generation_config lists both, which is where GKDTrainer reads its stop tokens.
@@ -81,18 +83,24 @@ def build_assets(folder: str, rows: int) -> dict:
 class StepClock:
     """Each optimizer step's wall time, from the end of the previous step to the end of this one: ours samples in
     get_batch_samples, before the Trainer's on_step_begin, GKDTrainer inside training_step, so on_step_begin would
-    leave our sampling out. The first step has no previous end and is not timed (it also pays for warm-up)."""
+    leave our sampling out. The first step has no previous end and is not timed (it also pays for warm-up). Completion
+    tokens are added by the variant as it labels them (per micro-batch) and summed per step at its end."""
 
     def __init__(self):
-        self.ends, self.times = [], []
+        self.ends, self.times, self.tokens, self.step_tokens = [], [], 0, []
 
     def on_step_begin(self, *args, **kwargs):
         pass
 
     def on_step_end(self, *args, **kwargs):
         self.ends.append(time.perf_counter())
+        self.step_tokens.append(self.tokens)
+        self.tokens = 0
         if len(self.ends) > 1:
             self.times.append(self.ends[-1] - self.ends[-2])
+
+    def add_tokens(self, tokens: int) -> None:
+        self.tokens += tokens
 
 
 def run_ours(paths: dict, args, output_dir: str) -> dict:
@@ -100,9 +108,9 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
     import on_policy
     from transformers import TrainerCallback
 
-    completion_tokens = []
+    clock = StepClock()
     label = on_policy.label_completions
-    on_policy.label_completions = lambda *a, **k: (lambda b: completion_tokens.append(int(b["completion_lengths"].sum()))
+    on_policy.label_completions = lambda *a, **k: (lambda b: clock.add_tokens(int(b["completion_lengths"].sum()))
                                                    or b)(label(*a, **k))
     config = copy.deepcopy(distil_logits.config)
     config["dataset"].update(name=paths["sharegpt"], eval_size=0, seed=0)
@@ -110,12 +118,12 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
     config["tokenizer"]["max_length"] = 512
     config["model_config"]["use_flash_attention"] = False
     config["distillation"].update(alpha=1.0, divergence="reverse_kl", temperature=1.0)
-    config["on_policy"].update(fraction=1.0, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
+    # Sampling at the defaults (temperature 1, top_p 1), whatever the keys are called in the checkout measured.
+    config["on_policy"].update(fraction=1.0, max_new_tokens=args.max_new_tokens)
     config["training"].update(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                              gradient_accumulation_steps=1, learning_rate=1e-4, warmup_ratio=0.0, save_strategy="no",
+                              gradient_accumulation_steps=args.accumulation, learning_rate=1e-4, warmup_ratio=0.0, save_strategy="no",
                               eval_strategy="no", activation_checkpointing=False, bf16=torch.cuda.is_available(),
                               overwrite_output_dir=True, disable_tqdm=True, logging_steps=1, dataloader_num_workers=0)
-    clock = StepClock()
 
     class Clock(TrainerCallback):
         on_step_begin, on_step_end = clock.on_step_begin, clock.on_step_end
@@ -130,7 +138,7 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
 
     distil_logits.LogitsTrainer.__init__ = init_with_clock
     trainer = distil_logits.main(config)
-    return clock.times, completion_tokens, trainer.rss_before
+    return clock.times, clock.step_tokens, trainer.rss_before
 
 
 def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> dict:
@@ -140,25 +148,24 @@ def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> 
 
     from data import CHATML_TEMPLATE
 
-    completion_tokens = []
+    clock = StepClock()
     generate = GKDTrainer.generate_on_policy_outputs
 
     def counted(model, inputs, generation_config):
         ids, mask, labels = generate(model, inputs, generation_config)
-        completion_tokens.append(int((labels != -100).sum()))
+        clock.add_tokens(int((labels != -100).sum()))
         return ids, mask, labels
 
     GKDTrainer.generate_on_policy_outputs = staticmethod(counted)
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     tokenizer.chat_template = CHATML_TEMPLATE
     gkd_args = GKDConfig(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                         gradient_accumulation_steps=1, learning_rate=1e-4, lmbda=1.0, beta=1.0, temperature=1.0,
+                         gradient_accumulation_steps=args.accumulation, learning_rate=1e-4, lmbda=1.0, beta=1.0, temperature=1.0,
                          max_new_tokens=args.max_new_tokens, max_length=512, save_strategy="no", report_to="none",
                          use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), logging_steps=1,
                          disable_tqdm=True, dataloader_num_workers=0, seed=42,
                          # TRL's default is True, and GKDTrainer then generates without the KV cache
                          gradient_checkpointing=checkpointing)
-    clock = StepClock()
 
     class Clock(TrainerCallback):
         on_step_begin, on_step_end = clock.on_step_begin, clock.on_step_end
@@ -170,7 +177,7 @@ def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> 
     reset_peak()
     rss_before = peak_rss_mib()
     trainer.train()
-    return clock.times, completion_tokens, rss_before
+    return clock.times, clock.step_tokens, rss_before
 
 
 def measure(variant: str, args) -> dict:
@@ -201,7 +208,8 @@ VARIANTS = ("ours", "gkd", "gkd_default")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -219,7 +227,7 @@ def main() -> None:
         if not lines:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len("RESULT "):]))
-    settings = {"batch": args.batch, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
+    settings = {"batch": args.batch, "accumulation": args.accumulation, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
                 "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     json.dump({"settings": settings, "results": results}, open(os.path.join(args.output, "on_policy.json"), "w"),
               indent=2)

@@ -182,7 +182,7 @@ def sampled_reverse_kl(student_dir: str, teacher_dir: str, eval_path: str, promp
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
         completions = on_policy.sample_completions(
-            student, ids, mask, {"temperature": 1.0, "top_p": 1.0}, stop_ids, tokenizer.pad_token_id, len(tokenizer),
+            student, ids, mask, {"sampling_temperature": 1.0, "top_p": 1.0}, stop_ids, tokenizer.pad_token_id, len(tokenizer),
             seed + start, max_new_tokens)
         batch = on_policy.label_completions(prompt_ids, completions, set(stop_ids), 128, tokenizer.pad_token_id)
         with torch.no_grad():

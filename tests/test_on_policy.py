@@ -88,7 +88,7 @@ def test_padded_head_rows_are_never_sampled(assets):
         assert int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax()) >= assets["vocab"]
     ids, mask = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     state = torch.random.get_rng_state()
-    settings = {"temperature": 1.0, "top_p": 1.0}
+    settings = {"sampling_temperature": 1.0, "top_p": 1.0}
     first = on_policy.sample_completions(model, ids, mask, settings, [1], 0, assets["vocab"], 7, 8)
     assert torch.equal(state, torch.random.get_rng_state())
     assert max(max(row) for row in first) < assets["vocab"]
@@ -104,8 +104,9 @@ def mixed_data(tmp_path_factory):
 
 def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, monkeypatch):
     """Fraction 1 keeps the prompt-only rows (fraction 0.5 drops them: a dataset batch needs answers). Every
-    micro-batch samples; the teacher reads exactly prompt + the student's own completion; the sampled tokens are
-    labelled, the prompt tokens are not; the student's weights move."""
+    micro-batch samples, and each step generates once for both of its micro-batches; the teacher reads exactly
+    prompt + the student's own completion; the sampled tokens are labelled, the prompt tokens are not; the student's
+    weights move."""
     generated, teacher_inputs = [], []
     sample = on_policy.sample_completions
 
@@ -134,12 +135,15 @@ def test_prompt_only_rows_train_at_fraction_one(assets, tmp_path, mixed_data, mo
     logs = [log for log in trainer.state.log_history if "kd_loss_on_policy" in log]
     assert len(logs) == 2 and all("kd_loss" not in log and "ce_loss" not in log for log in logs)
     assert all(0 < log["completion_length"] <= 6 and log["sampling_tokens_per_second"] > 0 for log in logs)
-    assert len(generated) == len(built) == 4  # 2 steps x 2 micro-batches, every one sampled
+    assert len(generated) == 2 and len(built) == 4  # 2 steps x 2 micro-batches, every one sampled, one generate a step
+    assert all(len(completions) == 4 for _, _, completions in generated)  # both micro-batches' 2 rows
     # The first two teacher calls are the head check (heads.check_head_matches_forward); then one per micro-batch.
     assert len(teacher_inputs) == 2 + 4
-    for (prompt_ids, prompt_mask, completions), batch, seen in zip(generated, built, teacher_inputs[2:]):
+    for micro_batch, (batch, seen) in enumerate(zip(built, teacher_inputs[2:])):
         assert torch.equal(seen.cpu(), batch["input_ids"])
-        for row, (ids, mask, completion) in enumerate(zip(prompt_ids, prompt_mask, completions)):
+        prompt_ids, prompt_mask, completions = generated[micro_batch // 2]
+        rows = slice(2 * (micro_batch % 2), 2 * (micro_batch % 2) + 2)
+        for row, (ids, mask, completion) in enumerate(zip(prompt_ids[rows], prompt_mask[rows], completions[rows])):
             prompt = ids[mask.bool()].tolist()
             length = int(batch["completion_lengths"][row])
             assert batch["input_ids"][row, :len(prompt)].tolist() == prompt
@@ -203,8 +207,10 @@ def test_batch_of_4_equals_two_accumulated_batches_of_2_with_unequal_completions
     monkeypatch.setattr(on_policy, "sample_completions", fixed_and_recorded)
     sgd_step(assets, str(tmp_path / "a"), 4, 1)
     sgd_step(assets, str(tmp_path / "b"), 2, 2)
-    first, second = lengths[1:]  # the 2 x 2 run's micro-batches: unequal token counts, so per-micro-batch means differ
-    assert lengths[0] == first + second and sum(first) != sum(second) and len(set(first + second)) > 1
+    assert len(lengths) == 2  # one generation per step: the 2 x 2 run samples its 4 rows together too
+    # The 2 x 2 run's micro-batches have unequal token counts, so per-micro-batch means would differ.
+    first, second = lengths[1][:2], lengths[1][2:]
+    assert lengths[0] == lengths[1] and sum(first) != sum(second) and len(set(first + second)) > 1
     start, a, b = weights(assets["student"]), weights(str(tmp_path / "a")), weights(str(tmp_path / "b"))
     assert any(not torch.equal(start[name], a[name]) for name in start)
     for name in a:
@@ -231,7 +237,8 @@ def test_fraction_zero_trains_bit_identically(assets, tmp_path, monkeypatch):
 def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
     """Steps 2 and 3 of an uninterrupted run and of a run resumed from checkpoint-1 sample in the same micro-batches
     (at seed 42 and fraction 0.5: step 1's first, both of step 2's, none of step 3's) and the same tokens: the
-    decision and the generator are seeded by seed, step, micro-batch and rank, not by the global RNG."""
+    decision is seeded by seed, step and micro-batch, the step's one generation by seed, step and rank, not by the
+    global RNG."""
     samples = {}
     sample = on_policy.sample_completions
 
@@ -256,7 +263,8 @@ def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
             path = os.path.join(interrupted, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run(interrupted, resume=True)
-    assert len(full) == 3 and len(samples) == 2  # step 1's sample is not taken again after the resume
+    assert [len(rows) for value in full.values() for rows in value] == [2, 4]  # step 1: 1 micro-batch, step 2: both
+    assert len(samples) == 1  # step 1's sample is not taken again after the resume
     assert samples == {seed: value for seed, value in full.items() if seed in samples}
 
 
@@ -264,6 +272,8 @@ def test_resume_samples_the_same_completions(assets, tmp_path, monkeypatch):
     ({"fraction": 1.5}, r"on_policy.fraction must be in \[0, 1\]"),
     ({"max_new_tokens": 0}, "on_policy.max_new_tokens must be an integer >= 1"),
     ({"temperature": 0}, "on_policy.temperature must be > 0"),
+    ({"sampling_temperature": 0}, "on_policy.sampling_temperature must be > 0"),
+    ({"divergence": "kl"}, "on_policy.divergence 'kl' is unknown"),
     ({"top_p": 0}, r"on_policy.top_p must be in \(0, 1\]"),
 ])
 def test_bad_settings_stop_before_writing(assets, tmp_path, change, message):
@@ -271,6 +281,101 @@ def test_bad_settings_stop_before_writing(assets, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         distil_logits.main(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_sampled_micro_batches_train_on_policys_divergence_and_temperature(assets, tmp_path, monkeypatch):
+    """distillation says forward KL at T = 2 and only on_policy.fraction is set: the dataset micro-batch trains
+    forward KL at T = 2, the sampled one reverse KL at T = 1 (on_policy's defaults), its kd_loss equal to the
+    reference formula on the same batch (losses.logit_distillation_loss, full logits) and not to forward KL at T = 2.
+    At seed 42 and fraction 0.5, step 1's first micro-batch samples and its second does not. The teacher's head is
+    sharpened (x 50): near-uniform tiny models give about the same T^2-scaled KL in both directions and at both T."""
+    from transformers import AutoModelForCausalLM
+
+    from losses import logit_distillation_loss
+
+    sharp = str(tmp_path / "sharp_teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight *= 50
+    teacher.save_pretrained(sharp)
+    for name in os.listdir(assets["tokenizer"]):
+        shutil.copy(os.path.join(assets["tokenizer"], name), sharp)
+
+    calls = []
+    student_loss = distil_logits.student_loss
+
+    def recording(model, inputs, labels, answer, terms):
+        outputs = student_loss(model, inputs, labels, answer, terms)
+        calls.append((inputs["input_ids"].clone(), labels.clone(), terms, outputs["kd_loss"].detach().clone()))
+        return outputs
+
+    monkeypatch.setattr(distil_logits, "student_loss", recording)
+    config = on_policy_config({**assets, "teacher": sharp}, str(tmp_path / "out"), fraction=0.5)
+    config["distillation"].update(divergence="forward_kl", temperature=2.0)
+    config["training"].update(max_steps=1)
+    distil_logits.main(config)
+    assert [(terms.divergence, terms.temperature, terms.kd_weight) for _, _, terms, _ in calls[-2:]] == [
+        ("reverse_kl", 1.0, 1.0), ("forward_kl", 2.0, 0.5)]
+    input_ids, labels, terms, kd_loss = calls[-2]
+    student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (assets["student"], sharp))
+    with torch.no_grad():
+        logits = [model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != 0)).logits
+                  for model in (student, teacher)]
+    reference = {divergence: logit_distillation_loss(*logits, labels, divergence, temperature,
+                                                     vocab_size=assets["vocab"],
+                                                     num_items_in_batch=terms.num_items_in_batch)
+                 for divergence, temperature in (("reverse_kl", 1.0), ("forward_kl", 2.0))}
+    torch.testing.assert_close(kd_loss, reference["reverse_kl"], rtol=1e-4, atol=1e-6)
+    assert not torch.isclose(kd_loss, reference["forward_kl"], rtol=0.03)
+
+
+def tokenizer_with_end_of_turn(assets):
+    tokenizer, _ = end_of_turn(assets)
+    return tokenizer
+
+
+@pytest.mark.parametrize("settings,warned", [
+    ({"sampling_temperature": 0.7, "top_p": 1.0}, "sampling_temperature 0.7"),
+    ({"sampling_temperature": 1.0, "top_p": 0.9}, "top_p 0.9"),
+    ({"sampling_temperature": 1.0, "top_p": 1.0}, None),
+])
+def test_sampling_that_is_not_the_students_own_distribution_is_warned_once(assets, capsys, settings, warned):
+    on_policy.OnPolicySampler({"fraction": 1.0, "max_new_tokens": 8, **settings}, tokenizer_with_end_of_turn(assets),
+                              assets["vocab"], 64, seed=0)
+    printed = capsys.readouterr().out
+    if warned is None:
+        assert printed == ""
+    else:
+        assert printed.count("warning:") == 1 and warned in printed and "student's own distribution" in printed
+
+
+def test_degenerate_samples_are_warned_and_healthy_ones_are_not(assets, capsys):
+    """A step whose completions all run out of room without an end-of-turn token, or repeat themselves ("1 1 1 ..."),
+    warns, at most once per WARN_EVERY_STEPS steps; the tiny data's real answers, ended by <|im_end|>, do not (nor do
+    they when some of them are cut)."""
+    tokenizer = tokenizer_with_end_of_turn(assets)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [turn["value"] for row in CONVERSATIONS[:4] for turn in row["conversations"] if turn["from"] in ("gpt", "assistant")]
+    healthy = [tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot] for answer in answers]
+    assert on_policy.degenerate_samples(healthy, {eot}) is None
+    assert on_policy.degenerate_samples([healthy[0][:-1]] + healthy[1:], {eot}) is None  # one cut at the cap
+    ones = tokenizer("1", add_special_tokens=False)["input_ids"]
+    repeated = [ones * 16 for _ in range(4)]
+    assert "all 4 completions ran out of room" in on_policy.degenerate_samples(repeated, {eot})
+    assert "of their 4-grams repeat" in on_policy.degenerate_samples(repeated, {eot})
+    assert on_policy.degenerate_samples([row + [eot] for row in repeated], {eot}).endswith("4-grams repeat an earlier one")
+    assert on_policy.degenerate_samples([answer[:-1] for answer in healthy], {eot}).startswith(f"all {len(healthy)} completions")
+
+    sampler = on_policy.OnPolicySampler({"fraction": 1.0, "max_new_tokens": 16, "sampling_temperature": 1.0,
+                                         "top_p": 1.0}, tokenizer, assets["vocab"], 64, seed=0)
+    for step in range(sampler.WARN_EVERY_STEPS + 1):
+        sampler.check_health(healthy, step)
+    assert capsys.readouterr().out == ""
+    for step in range(sampler.WARN_EVERY_STEPS + 1):
+        sampler.check_health(repeated, step)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1] for line in printed] == [" step 1", f" step {sampler.WARN_EVERY_STEPS + 1}"]
+    assert all("too weak" in line and "SFT or off-policy KD first" in line for line in printed)
 
 
 def test_offline_capture_is_refused_with_sampling(assets, tmp_path):
