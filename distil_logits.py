@@ -107,7 +107,7 @@ config = {
         "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (docs/cross-tokenizer.md)
         "hybrid_matched_weight": 1.0,  # hybrid: weight of D on the exact-match shared vocabulary (times the teacher's mass there)
         "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 (at T = 1) on the rest of the two vocabularies
-        "cross_tokenizer_max_piece_tokens": 1,  # 1: compare only positions whose next token is the same text on both sides | k > 1: also pieces of up to k tokens, by their probability
+        "cross_tokenizer_max_piece_tokens": 1,  # 1: pair only same-text next tokens | k > 1: also pieces of up to k tokens, by probability
     },
     "on_policy": {
         "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
