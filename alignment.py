@@ -381,17 +381,16 @@ def align_next_tokens(
     teacher_text: str,
     teacher_spans: list[tuple[int, int]],
     teacher_offsets: list[tuple[int, int]],
-    merge_spans: bool = True,
+    max_piece_tokens: int = 1,
 ) -> list[tuple[int, int, int, int]]:
     """(student position, teacher position, student tokens, teacher tokens) for every pair of next-token predictions
-    that cover the same text, for one row rendered twice.
+    that cover the same next piece of text, for one row rendered twice.
 
     The positions are those of `align_tokenizations` (both tokenizations end a token at the same character r of a
     trained span), and each pair covers the text from r to the next such character r' (or, after the last one, to
-    the end of each span, the two templates' end-of-turn markers): the student needs `student tokens` tokens for it,
-    the teacher `teacher tokens`. 1 and 1: the two next tokens are the same text. Several: the loss compares the
-    probability of the merged span (the first token's distribution times the probabilities of the actual following
-    tokens). merge_spans=False keeps only the 1:1 pairs.
+    the end of each span): the student needs `student tokens` tokens for it, the teacher `teacher tokens`. Kept:
+    pairs whose two pieces are the same text and take at most `max_piece_tokens` tokens on either side (1, the
+    default: only pairs whose next token is the same text on both sides).
     """
     if len(student_spans) != len(teacher_spans):  # the same error as align_tokenizations gives
         align_tokenizations(student_text, student_spans, [], teacher_text, teacher_spans, [])
@@ -406,21 +405,25 @@ def align_next_tokens(
         for r, (student_next, teacher_next) in zip(shared, ends):
             if student_next not in student_boundaries or teacher_next not in teacher_boundaries:
                 continue
+            # Two templates that end a turn differently (<|eot_id|> against <|im_end|>) leave different text after
+            # the last shared offset: the two predictions are then of different pieces, not one piece to compare.
+            if student_text[student_start + r:student_next] != teacher_text[teacher_start + r:teacher_next]:
+                continue
             student_position, teacher_position = student_boundaries[student_start + r], teacher_boundaries[teacher_start + r]
             student_tokens = student_boundaries[student_next] - student_position
             teacher_tokens = teacher_boundaries[teacher_next] - teacher_position
-            if merge_spans or student_tokens == teacher_tokens == 1:
+            if max(student_tokens, teacher_tokens) <= max_piece_tokens:
                 pairs.append((student_position, teacher_position, student_tokens, teacher_tokens))
     return pairs
 
 
 def tokenize_row_for_logits(
     row: dict, student_tokenizer, teacher_tokenizer, data_format: str, max_length: int, system_prompt: str | None = None,
-    merge_spans: bool = True,
+    max_piece_tokens: int = 1,
 ) -> dict:
     """`tokenize_row_pair` for logit distillation: the student's input_ids and labels, the teacher's
     teacher_input_ids, and the pairs of `align_next_tokens` as student_positions / teacher_positions /
-    student_span_tokens / teacher_span_tokens, keeping only pairs whose whole span survives truncation on both sides."""
+    student_span_tokens / teacher_span_tokens, keeping only pairs whose whole piece survives truncation on both sides."""
     student = tokenize_row(row, student_tokenizer, data_format, max_length, system_prompt)
     teacher = tokenize_row(row, teacher_tokenizer, data_format, max_length, system_prompt)
     pairs = []
@@ -428,7 +431,7 @@ def tokenize_row_for_logits(
         student_text, student_spans, student_offsets = rendered_offsets(row, student_tokenizer, data_format, system_prompt)
         teacher_text, teacher_spans, teacher_offsets = rendered_offsets(row, teacher_tokenizer, data_format, system_prompt)
         pairs = [pair for pair in align_next_tokens(student_text, student_spans, student_offsets, teacher_text,
-                                                    teacher_spans, teacher_offsets, merge_spans)
+                                                    teacher_spans, teacher_offsets, max_piece_tokens)
                  if pair[0] + pair[2] < len(student["input_ids"]) and pair[1] + pair[3] < len(teacher["input_ids"])]
     columns = ("student_positions", "teacher_positions", "student_span_tokens", "teacher_span_tokens")
     return {"input_ids": student["input_ids"], "labels": student["labels"], "teacher_input_ids": teacher["input_ids"],
@@ -497,9 +500,9 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tenso
 
 def span_continuations(rows: torch.Tensor, positions: torch.Tensor, span_tokens: torch.Tensor,
                        input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The positions that predict the following tokens of merged spans: pair k, whose span of span_tokens[k] tokens
-    is predicted from position positions[k] of row rows[k], owns positions[k] + 1 ... positions[k] + span_tokens[k] - 1,
-    predicting the row's next token at each. Returns (owner pair, row, position, target token) per such position."""
+    """The positions that predict the following tokens of pieces of several tokens: pair k, whose piece of
+    span_tokens[k] tokens is predicted from position positions[k] of row rows[k], owns positions[k] + 1 ...
+    positions[k] + span_tokens[k] - 1, predicting the row's next token at each. Returns (owner pair, row, position, target token) per such position."""
     extra = (span_tokens - 1).clamp(min=0)
     owner = torch.repeat_interleave(torch.arange(extra.numel(), device=extra.device), extra)
     step = torch.arange(owner.numel(), device=extra.device) - (extra.cumsum(0) - extra)[owner] + 1

@@ -1,13 +1,30 @@
 """Logit distillation across tokenizers (distil_logits.py, `distillation.cross_tokenizer`): the reference formulas
-on full logits first (sorted L1, the uld and hybrid divergences, the loss over aligned pairs), then the chunked path
-that computes the same KD from the two models' final hidden states and output heads, a checkpointed chunk of aligned
-pairs at a time, so that neither model's (pairs, vocabulary) logits outlive their chunk.
+on full logits first (sorted L1, the per-pair terms of `uld` and `hybrid`, the loss over aligned pairs), then the
+chunked path that computes the same KD from the two models' final hidden states and output heads, a checkpointed
+chunk of aligned pairs at a time, so that neither model's (pairs, vocabulary) logits outlive their chunk.
 
-The pairs (which student position faces which teacher position, and the merged spans' following tokens) come from
-alignment.py; teacher_signal.CrossTokenizerTeacher gathers them per batch. Notation as in losses.py.
+The pairs (which student position faces which teacher position, and the following tokens of a piece that one side
+writes with several tokens) come from alignment.py; teacher_signal.CrossTokenizerTeacher gathers them per batch.
+Notation as in losses.py.
+
+What the published methods compute, and where this differs:
+- ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss"; TRL's
+  `trl.experimental.gold.ULDLoss` without `use_extended_uld`): the L1 distance between the two next-token
+  distributions sorted in descending order (the narrower zero-padded), at temperature 1, with the answer positions
+  of the two sequences paired by index. `uld` here computes the same distance at T = 1 (no T^2), but at the pairs
+  alignment.py finds by character offsets, where both sides predict the same next text.
+- GOLD (TRL's `ULDLoss` with `uld_use_hybrid_loss`, trl/experimental/gold/gold_trainer.py): a divergence on the
+  exact-match shared vocabulary plus that sorted L1 on the rest. Its matched term takes the shared entries straight
+  from the full softmax, not renormalised over them. `hybrid` here takes D between the two distributions conditioned
+  on the shared vocabulary and weights it by the teacher's mass there, p(S) * D(p|S, q|S): for forward KL the part of
+  KL(p || q) that lies within S. GOLD also merges the tokens of a piece that one side writes with several tokens into
+  one "distribution" (the first position's times the following tokens' probabilities); only its entry at the
+  observed token is a probability of that text, so this module compares only that scalar (`piece_divergence`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +39,9 @@ CROSS_TOKENIZER_METHODS = ("uld", "hybrid")
 # same-tokenizer kernel's time, with the top 256 2.6x, then 3.3x (two runs of bench/loss_bench.py on a shared machine,
 # docs/cross-tokenizer.md). Smaller vocabularies are sorted whole.
 SORTED_L1_TOP_K = 256
+# A piece probability of 1 would make log(1 - P) infinite in the binary divergence; no trained model gives a whole
+# piece more than this.
+_MAX_PIECE_PROBABILITY = 1 - 1e-6
 
 
 def sorted_l1_top_k(*vocab_sizes: int) -> int | None:
@@ -46,54 +66,91 @@ def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor, top_k: i
     return (top_p - top_q).abs().sum(-1) + tails.abs()
 
 
+def piece_divergence(student_piece_log_prob: torch.Tensor, teacher_piece_log_prob: torch.Tensor, method: str,
+                     divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """Per pair (M,), the distance between the two models' probabilities P_s, P_t of the same next piece of text
+    (log-probabilities (M,), each the sum of its tokens' log-probabilities at T = 1), as two-point distributions
+    {the piece, anything else}: `uld` their L1 distance 2 |P_t - P_s|, `hybrid` D({P_t, 1 - P_t}, {P_s, 1 - P_s}).
+
+    This is the one probability both sides give to the same event when one of them needs several tokens for the
+    piece: the rest of the first token's distribution is over other, shorter or longer, pieces on each side. The
+    binary divergence is the "approximate likelihood matching" of Minixhofer et al. 2025 (arXiv 2503.20083) for one
+    piece at a time."""
+    log_p = teacher_piece_log_prob.clamp(max=math.log(_MAX_PIECE_PROBABILITY))
+    log_q = student_piece_log_prob.clamp(max=math.log(_MAX_PIECE_PROBABILITY))
+    if method == "uld":
+        return 2 * (log_p.exp() - log_q.exp()).abs()
+
+    def two_point(log_probability):
+        return torch.stack([log_probability, torch.log(-torch.expm1(log_probability))], -1)
+
+    return token_divergence(two_point(log_q), two_point(log_p), divergence, beta, skew)
+
+
 def cross_tokenizer_divergence(
-    student_log_probs: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
     method: str,
     shared_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     divergence: str = "forward_kl",
+    temperature: float = 1.0,
     matched_weight: float = 1.0,
     unmatched_weight: float = 1.0,
-    student_span_log_prob: torch.Tensor | None = None,
-    teacher_span_log_prob: torch.Tensor | None = None,
     beta: float = 0.5,
     skew: float = 0.1,
     top_k: int | None = None,
-    merged: torch.Tensor | None = None,
+    pieces: dict | None = None,
 ) -> torch.Tensor:
-    """Per aligned pair, the distance between the student's (M, Vs) and the teacher's (M, Vt) next-token
-    log-probabilities over their own real vocabularies (at temperature T). Returns (M,).
+    """Per aligned pair, the KD term between the student's (M, Vs) and the teacher's (M, Vt) next-token logits over
+    their own real vocabularies (float32). Returns (M,); the loss is their sum over N.
 
-    The compared distributions are the merged-span ones: exp(log_probs + span_log_prob), where span_log_prob (M,)
-    is the log-probability of the span's actual following tokens (0 for a span of one token, the default).
+    At a pair whose next token is the same text on both sides, with p, q the two next-token distributions (p^T at
+    temperature T):
 
-    uld     sorted_l1(p~, q~) over the two whole vocabularies
-    hybrid  matched_weight * D(p~_S / p~(S), q~_S / q~(S)) + unmatched_weight * sorted_l1(p~ off S, q~ off S)
+    uld     sorted_l1(p^1, q^1)                                                        (T = 1, no T^2, as ULD)
+    hybrid  T^2 * matched_weight * p^T(S) * D(p^T|S, q^T|S) + unmatched_weight * sorted_l1(p^1 off S, q^1 off S)
 
-    S is the exact-match shared vocabulary (`shared_ids` = (student ids, teacher ids), paired in order), D the
-    configured `token_divergence`; renormalised over S, the span factors cancel in the first term. At merged pairs
-    (`merged` (M,) true: a side needs several tokens for the span) a token's string is not what its entry stands for
-    (the teacher's "1" carries the span "12" that the student writes as one token), so hybrid uses
-    unmatched_weight * sorted_l1(p~, q~) over the whole vocabularies there, as uld does.
+    S is the exact-match shared vocabulary (`shared_ids` = (student ids, teacher ids), paired in order), p|S the
+    distribution conditioned on S, p(S) the teacher's mass there and D the configured `token_divergence`: for forward
+    KL the first term is the part of KL(p^T || q^T) inside S, so a teacher that puts little mass on shared tokens
+    weighs little there (GOLD's matched term is not renormalised either; its weight is the matched share of the
+    vocabulary). The sorted L1 is a distance between probabilities, not a KL gradient at a temperature: it is taken
+    at T = 1 and not scaled by T^2.
+
+    `pieces` (None: no pair covers a piece of several tokens): {"merged": (M,) bool, true where a side needs several
+    tokens for the next piece; "student_next", "teacher_next": (M,) each side's next token; "student_rest",
+    "teacher_rest": (M,) the log-probabilities (T = 1) of each side's following tokens of the piece, 0 for one token}.
+    At merged pairs the term is matched_weight * piece_divergence (hybrid) or piece_divergence (uld) instead.
     """
-    student_span = 0 if student_span_log_prob is None else student_span_log_prob[:, None]
-    teacher_span = 0 if teacher_span_log_prob is None else teacher_span_log_prob[:, None]
-    p, q = (teacher_log_probs + teacher_span).exp(), (student_log_probs + student_span).exp()
-    if method == "uld":
-        return sorted_l1(p, q, top_k)
-    if method != "hybrid":
+    if method not in CROSS_TOKENIZER_METHODS:
         raise ConfigError(f"unknown distillation.cross_tokenizer '{method}'; choose null, {' or '.join(CROSS_TOKENIZER_METHODS)}.")
-    student_ids, teacher_ids = (ids.to(p.device) for ids in shared_ids)  # a no-op for the trainer's (on the device)
-    matched = torch.zeros_like(p[:, 0])
-    if student_ids.numel():
-        matched = token_divergence(torch.log_softmax(student_log_probs[:, student_ids], -1),
-                                   torch.log_softmax(teacher_log_probs[:, teacher_ids], -1), divergence, beta, skew)
-    p_rest = p.index_fill(1, teacher_ids, 0.0)  # zeros sort last: the same as dropping the shared columns
-    q_rest = q.index_fill(1, student_ids, 0.0)
-    hybrid = matched_weight * matched + unmatched_weight * sorted_l1(p_rest, q_rest, top_k)
-    if merged is None or not bool(merged.any()):
-        return hybrid
-    return torch.where(merged, unmatched_weight * sorted_l1(p, q, top_k), hybrid)
+    student_log_probs, teacher_log_probs = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    p, q = teacher_log_probs.exp(), student_log_probs.exp()
+    if method == "uld":
+        per_pair = sorted_l1(p, q, top_k)
+    else:
+        student_ids, teacher_ids = (ids.to(p.device) for ids in shared_ids)  # a no-op for the trainer's (on the device)
+        matched = torch.zeros_like(p[:, 0])
+        if student_ids.numel():
+            if temperature == 1:
+                student_tempered, teacher_tempered = student_log_probs, teacher_log_probs
+            else:
+                student_tempered = F.log_softmax(student_logits / temperature, -1)
+                teacher_tempered = F.log_softmax(teacher_logits / temperature, -1)
+            teacher_shared, student_shared = teacher_tempered[:, teacher_ids], student_tempered[:, student_ids]
+            teacher_mass = teacher_shared.logsumexp(-1)
+            matched = teacher_mass.exp() * token_divergence(student_shared.log_softmax(-1),
+                                                            teacher_shared - teacher_mass[:, None], divergence, beta, skew)
+        p_rest = p.index_fill(1, teacher_ids, 0.0)  # zeros sort last: the same as dropping the shared columns
+        q_rest = q.index_fill(1, student_ids, 0.0)
+        per_pair = temperature**2 * matched_weight * matched + unmatched_weight * sorted_l1(p_rest, q_rest, top_k)
+    if pieces is None:
+        return per_pair
+    # Always computed and selected per pair: no host read of `merged` (a device sync per chunk on a GPU).
+    student_piece = student_log_probs.gather(1, pieces["student_next"][:, None])[:, 0] + pieces["student_rest"]
+    teacher_piece = teacher_log_probs.gather(1, pieces["teacher_next"][:, None])[:, 0] + pieces["teacher_rest"]
+    piece = piece_divergence(student_piece, teacher_piece, method, divergence, beta, skew)
+    return torch.where(pieces["merged"], (matched_weight if method == "hybrid" else 1.0) * piece, per_pair)
 
 
 def cross_tokenizer_loss(
@@ -106,33 +163,28 @@ def cross_tokenizer_loss(
     student_vocab: int | None = None,
     teacher_vocab: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
-    student_span_log_prob: torch.Tensor | None = None,
-    teacher_span_log_prob: torch.Tensor | None = None,
     **weights,
 ) -> torch.Tensor:
     """KD across tokenizers from the full logits (M, heads) of both models at the M aligned pairs:
 
-        KD = T^2 / N * sum_k cross_tokenizer_divergence(log_softmax(s_k[:Vs] / T), log_softmax(t_k[:Vt] / T))
+        KD = 1 / N * sum_k cross_tokenizer_divergence(s_k[:Vs], t_k[:Vt])   (T^2 on the hybrid's matched term only)
 
     N = `num_items_in_batch` (the step's counted student tokens) or, when None, M. `weights` go to
-    `cross_tokenizer_divergence` (matched_weight, unmatched_weight, beta, skew, top_k, merged)."""
-    student = F.log_softmax(student_logits[:, :student_vocab].float() / temperature, -1)
-    teacher = F.log_softmax(teacher_logits[:, :teacher_vocab].float() / temperature, -1)
-    per_pair = cross_tokenizer_divergence(student, teacher, method, shared_ids, divergence,
-                                          student_span_log_prob=student_span_log_prob,
-                                          teacher_span_log_prob=teacher_span_log_prob, **weights)
-    return per_item_mean(per_pair.sum() * temperature**2, per_pair.shape[0] if num_items_in_batch is None else num_items_in_batch)
+    `cross_tokenizer_divergence` (matched_weight, unmatched_weight, beta, skew, top_k, pieces)."""
+    per_pair = cross_tokenizer_divergence(student_logits[:, :student_vocab].float(), teacher_logits[:, :teacher_vocab].float(),
+                                          method, shared_ids, divergence, temperature, **weights)
+    return per_item_mean(per_pair.sum(), per_pair.shape[0] if num_items_in_batch is None else num_items_in_batch)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Logit KD across tokenizers, chunk by chunk: autograd with one checkpoint per chunk of aligned positions
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _scaled_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      transform: tuple[float, float | None], vocab: int, temperature: float) -> torch.Tensor:
-    """log_softmax(logits[:, :vocab] / T) in float32 for a chunk of hidden states, differentiably (no in-place ops)."""
+def _real_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 transform: tuple[float, float | None], vocab: int) -> torch.Tensor:
+    """The logits over the real vocabulary [0, vocab) in float32 for a chunk of hidden states, differentiably."""
     logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
-    return F.log_softmax(transform_logits(logits, transform)[:, :vocab] / temperature, -1)
+    return transform_logits(logits, transform)[:, :vocab]
 
 
 def _checkpointed(function, *tensors):
@@ -148,19 +200,19 @@ def _checkpointed(function, *tensors):
 def cross_tokenizer_chunk_tokens(vocab: int, memory_budget_mb: float) -> int:
     """Aligned pairs per chunk of `chunked_cross_tokenizer_kd` (at least 16, a multiple of 16): about 100 bytes per
     (pair, vocabulary entry) are live at once in a chunk's forward or its recomputation (both sides' float32 logits,
-    log-softmaxes, probabilities and zero-padded copies, the sorted values and their int64 sort indices). Unlike the
-    kernel's estimate there is no CPU block: every temporary spans the whole chunk."""
+    log-softmaxes at T = 1 and at T, probabilities and zero-padded copies, the sorted values and their int64 sort
+    indices; an estimate). Unlike the kernel's estimate there is no CPU block: every temporary spans the whole chunk."""
     return max(16, int(memory_budget_mb * 2**20 / (vocab * 100)) // 16 * 16)
 
 
 def chunked_token_log_probs(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None],
-                            targets: torch.Tensor, temperature: float, vocab: int, chunk: int) -> torch.Tensor:
-    """log softmax(logits[:vocab] / T)[target] per row of `hidden` (P, H): the probabilities of a merged span's
+                            targets: torch.Tensor, vocab: int, chunk: int) -> torch.Tensor:
+    """log softmax(logits[:vocab])[target] (T = 1) per row of `hidden` (P, H): the probabilities of a piece's
     following tokens. Differentiable through `_checkpointed` chunks."""
     weight, bias = full_head_tensors(head)
 
     def chunk_log_probs(hidden_chunk, weight, bias, targets_chunk):
-        return _scaled_log_probs(hidden_chunk, weight, bias, transform, vocab, temperature).gather(
+        return F.log_softmax(_real_logits(hidden_chunk, weight, bias, transform, vocab), -1).gather(
             1, targets_chunk[:, None])[:, 0]
 
     parts = [_checkpointed(chunk_log_probs, hidden[start:start + chunk], weight, bias, targets[start:start + chunk])
@@ -171,13 +223,15 @@ def chunked_token_log_probs(hidden: torch.Tensor, head: torch.nn.Module, transfo
 def chunked_cross_tokenizer_kd(student_hidden: torch.Tensor, student_head: torch.nn.Module, cross: dict,
                                temperature: float, student_vocab: int, divergence: str, beta: float, skew: float,
                                memory_budget_mb: float) -> torch.Tensor:
-    """sum_k cross_tokenizer_divergence over the aligned pairs of a micro-batch (times nothing: the caller scales by
-    T^2 / N), equal to `cross_tokenizer_loss` * N / T^2 without either model's (tokens, vocabulary) logits.
+    """sum_k cross_tokenizer_divergence over the aligned pairs of a micro-batch (the caller divides by N), equal to
+    `cross_tokenizer_loss` * N without either model's (tokens, vocabulary) logits.
 
-    `student_hidden` is the student's last hidden state (batch, seq, H). `cross` (built by distil_logits.py) holds
-    the aligned pairs' rows / positions, the merged spans' following tokens on each side (continuation_*), the
-    teacher's final hidden states at its positions and continuations, its head and transform, and the method and
-    its settings. Per chunk of pairs, both heads run and the divergence is taken under one checkpoint.
+    `student_hidden` is the student's last hidden state (batch, seq, H). `cross` (built by
+    teacher_signal.CrossTokenizerTeacher) holds the aligned pairs' rows / positions, the teacher's final hidden
+    states there, its head and transform, the method and its settings, and `pieces`: None, or the pairs that cover a
+    piece of several tokens ("merged"), each side's next token and the following tokens of those pieces
+    (continuation_*, with the teacher's hidden states at its continuations). Per chunk of pairs, both heads run and
+    the divergence is taken under one checkpoint.
     """
     teacher_head, teacher_transform = cross["teacher_head"], cross["teacher_transform"]
     teacher_vocab, transform = cross["teacher_vocab"], cross["student_transform"]
@@ -185,35 +239,39 @@ def chunked_cross_tokenizer_kd(student_hidden: torch.Tensor, student_head: torch
     teacher_weight, teacher_bias = full_head_tensors(teacher_head)
     pairs = cross["rows"].numel()
     chunk = cross_tokenizer_chunk_tokens(max(student_vocab, teacher_vocab), memory_budget_mb)
+    pieces = cross.get("pieces")
+    zeros = torch.zeros(pairs, dtype=torch.float32, device=student_hidden.device)
+    student_rest = teacher_rest = zeros
+    if pieces is not None:
+        def rest_log_prob(hidden, head, head_transform, side, vocab):
+            log_probs = chunked_token_log_probs(hidden, head, head_transform, pieces[f"{side}continuation_targets"],
+                                                vocab, chunk)
+            return zeros.index_add(0, pieces[f"{side}continuation_owner"], log_probs)
 
-    def span_log_prob(hidden, head, head_transform, side, vocab):
-        log_probs = chunked_token_log_probs(hidden, head, head_transform, cross[f"{side}continuation_targets"],
-                                            temperature, vocab, chunk)
-        return torch.zeros(pairs, dtype=torch.float32, device=student_hidden.device).index_add(
-            0, cross[f"{side}continuation_owner"], log_probs)
-
-    with torch.no_grad():
-        teacher_span = span_log_prob(cross["teacher_continuation_hidden"], teacher_head, teacher_transform, "teacher_",
-                                     teacher_vocab)
-    student_span = span_log_prob(student_hidden[cross["continuation_rows"], cross["continuation_positions"]],
-                                 student_head, transform, "", student_vocab)
+        with torch.no_grad():
+            teacher_rest = rest_log_prob(pieces["teacher_continuation_hidden"], teacher_head, teacher_transform,
+                                         "teacher_", teacher_vocab)
+        student_rest = rest_log_prob(student_hidden[pieces["continuation_rows"], pieces["continuation_positions"]],
+                                     student_head, transform, "", student_vocab)
     first = student_hidden[cross["rows"], cross["positions"]]
     settings = dict(method=cross["method"], shared_ids=cross["shared_ids"], divergence=divergence,
-                    matched_weight=cross["matched_weight"], unmatched_weight=cross["unmatched_weight"], beta=beta,
-                    skew=skew, top_k=cross["top_k"])
+                    temperature=temperature, matched_weight=cross["matched_weight"],
+                    unmatched_weight=cross["unmatched_weight"], beta=beta, skew=skew, top_k=cross["top_k"])
 
-    def chunk_divergence(hidden_chunk, weight, bias, student_span_chunk, start):
+    def chunk_divergence(hidden_chunk, weight, bias, student_rest_chunk, start):
         end = start + hidden_chunk.shape[0]
         with torch.no_grad():
-            teacher = _scaled_log_probs(cross["teacher_hidden"][start:end], teacher_weight, teacher_bias,
-                                        teacher_transform, teacher_vocab, temperature)
-        student = _scaled_log_probs(hidden_chunk, weight, bias, transform, student_vocab, temperature)
-        return cross_tokenizer_divergence(student, teacher, student_span_log_prob=student_span_chunk,
-                                          teacher_span_log_prob=teacher_span[start:end],
-                                          merged=cross["merged"][start:end], **settings).sum()
+            teacher = _real_logits(cross["teacher_hidden"][start:end], teacher_weight, teacher_bias, teacher_transform,
+                                   teacher_vocab)
+        student = _real_logits(hidden_chunk, weight, bias, transform, student_vocab)
+        chunk_pieces = None if pieces is None else {
+            "merged": pieces["merged"][start:end], "student_next": pieces["student_next"][start:end],
+            "teacher_next": pieces["teacher_next"][start:end], "student_rest": student_rest_chunk,
+            "teacher_rest": teacher_rest[start:end]}
+        return cross_tokenizer_divergence(student, teacher, pieces=chunk_pieces, **settings).sum()
 
     total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     for start in range(0, pairs, chunk):
         total = total + _checkpointed(chunk_divergence, first[start:start + chunk], weight, bias,
-                                      student_span[start:start + chunk], start)
+                                      student_rest[start:start + chunk], start)
     return total

@@ -31,10 +31,13 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
   with the same N (the step's counted tokens, completions included), and with the on_policy block's own D and T
   (default reverse KL at T = 1, the student's samples' own distribution; docs/on-policy.md).
 - A teacher with another tokenizer (`distillation.cross_tokenizer: uld | hybrid`): each model reads its own rendering,
-  i runs over the aligned pairs (both end a token at the same character; alignment.py), and D compares the two
-  vocabularies by sorted L1 (uld) or by D on the exact-match shared tokens plus sorted L1 on the rest (hybrid);
-  N and CE are as above (cross_tokenizer_loss.cross_tokenizer_divergence; docs/cross-tokenizer.md).
+  i runs over the aligned pairs (both end a token at the same character and predict the same next text;
+  alignment.py), and the two vocabularies are compared by the sorted L1 at T = 1 (uld, as ULD) or by T^2 * p(S) *
+  D on the exact-match shared tokens S plus the sorted L1 at T = 1 on the rest (hybrid, after GOLD); N and CE are as
+  above (cross_tokenizer_loss.cross_tokenizer_divergence; docs/cross-tokenizer.md).
 """
+
+import functools
 
 import torch
 
@@ -102,8 +105,9 @@ config = {
         "skew": 0.1,  # skew_*_kl only: weight of the first distribution in the mixture, in (0, 1) (DistiLLM)
         "loss_memory_mb": 1024,  # MB per GPU for the loss's logit chunks and temporaries; lower it if the loss runs out of memory
         "cross_tokenizer": None,  # None: the teacher must share the tokenizer | uld | hybrid: any teacher tokenizer (docs/cross-tokenizer.md)
-        "hybrid_matched_weight": 1.0,  # hybrid: weight of the divergence on the exact-match shared vocabulary
-        "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 on the rest (and at merged spans); measured, docs/cross-tokenizer.md
+        "hybrid_matched_weight": 1.0,  # hybrid: weight of D on the exact-match shared vocabulary (times the teacher's mass there)
+        "hybrid_unmatched_weight": 0.25,  # hybrid: weight of the sorted L1 (at T = 1) on the rest of the two vocabularies
+        "cross_tokenizer_max_piece_tokens": 1,  # 1: pair only same-text next tokens | k > 1: also pieces of up to k tokens, by probability
     },
     "on_policy": {
         "fraction": 0.0,  # share of micro-batches whose completions the student samples itself (GKD's lambda); 0 off, 1 always
@@ -168,6 +172,10 @@ def check_distillation(config: dict) -> None:
     for key in ("hybrid_matched_weight", "hybrid_unmatched_weight"):
         if not isinstance(distillation[key], (int, float)) or distillation[key] < 0:
             raise ConfigError(f"distillation.{key} must be a number >= 0, got {distillation[key]!r}.")
+    pieces = distillation["cross_tokenizer_max_piece_tokens"]
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or not 1 <= pieces <= 16:
+        raise ConfigError(f"distillation.cross_tokenizer_max_piece_tokens must be an integer from 1 to 16, got {pieces!r} "
+                          "(1: only positions whose next token is the same text on both sides).")
     if distillation["cross_tokenizer"] and (config["offline"]["mode"] or config["training"].get("packing")):
         raise ConfigError("distillation.cross_tokenizer needs offline.mode: null and training.packing: false (each row "
                           "carries the teacher's own tokens and an alignment).")
@@ -291,8 +299,10 @@ def main(config: dict) -> LogitsTrainer:
         # would only make every large host buffer an mmap.
         return_large_frees_to_the_system()
     if cross:
+        tokenize_pair = functools.partial(tokenize_row_for_logits,
+                                          max_piece_tokens=distillation["cross_tokenizer_max_piece_tokens"])
         train_dataset, eval_dataset, _ = prepare_paired_datasets(config["dataset"], tokenizer, teacher_tokenizer,
-                                                                 config["tokenizer"]["max_length"], tokenize_row_for_logits)
+                                                                 config["tokenizer"]["max_length"], tokenize_pair)
     else:
         train_dataset, eval_dataset, _ = prepare_datasets(config["dataset"], tokenizer, config["tokenizer"]["max_length"],
                                                           sample_fraction=fraction)

@@ -147,7 +147,8 @@ class AlignedPairs(NoTeacher):
             kd_sum = chunked_cross_tokenizer_kd(
                 hidden, head, {**self.pairs, "student_transform": transform}, terms.temperature, terms.vocab_size,
                 terms.divergence, terms.beta, terms.skew, terms.memory_budget_mb)
-            kd_loss = losses.per_item_mean(kd_sum * terms.temperature**2, terms.num_items_in_batch)
+            # T^2 is inside kd_sum, on the hybrid's matched term only (cross_tokenizer_divergence)
+            kd_loss = losses.per_item_mean(kd_sum, terms.num_items_in_batch)
             loss = loss + terms.kd_weight * kd_loss
         return {"loss": loss, "kd_loss": kd_loss.detach(), "ce_loss": ce_loss}
 
@@ -302,27 +303,35 @@ class CrossTokenizerTeacher(InProcessTeacher):
         return batch["teacher_input_ids"][:1, :16]
 
     def signal(self, batch: dict, mode: str) -> AlignedPairs:
-        """The aligned pairs, the following tokens of merged spans on both sides, and the teacher's final hidden
-        states there (backbone only, on its own tokens)."""
+        """The aligned pairs and the teacher's final hidden states there (backbone only, on its own tokens); with
+        `cross_tokenizer_max_piece_tokens` > 1 also each side's next token and the following tokens of pieces that a
+        side writes with several tokens, with the teacher's hidden states at those."""
         valid = batch["student_positions"] >= 0
         rows, positions = valid.nonzero(as_tuple=True)[0], batch["student_positions"][valid]
         teacher_positions = batch["teacher_positions"][valid]
         teacher_hidden = self.hidden_states({"input_ids": batch["teacher_input_ids"], "use_cache": False,
                                              "attention_mask": batch["teacher_attention_mask"]},
                                             [self.final_layer])[self.final_layer]
-        owner, continuation_rows, continuation_positions, targets = span_continuations(
-            rows, positions, batch["student_span_tokens"][valid], batch["input_ids"])
-        teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
-            rows, teacher_positions, batch["teacher_span_tokens"][valid], batch["teacher_input_ids"])
         distillation = self.distillation
+        pieces = None
+        if distillation["cross_tokenizer_max_piece_tokens"] > 1:
+            student_tokens, teacher_tokens = batch["student_span_tokens"][valid], batch["teacher_span_tokens"][valid]
+            owner, continuation_rows, continuation_positions, targets = span_continuations(
+                rows, positions, student_tokens, batch["input_ids"])
+            teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
+                rows, teacher_positions, teacher_tokens, batch["teacher_input_ids"])
+            pieces = {
+                "merged": (student_tokens > 1) | (teacher_tokens > 1),
+                "student_next": batch["input_ids"][rows, positions + 1],
+                "teacher_next": batch["teacher_input_ids"][rows, teacher_positions + 1],
+                "continuation_owner": owner, "continuation_rows": continuation_rows,
+                "continuation_positions": continuation_positions, "continuation_targets": targets,
+                "teacher_continuation_hidden": teacher_hidden[teacher_rows, teacher_continuation],
+                "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
+            }
         return AlignedPairs({
-            "rows": rows, "positions": positions,
-            "merged": (batch["student_span_tokens"][valid] > 1) | (batch["teacher_span_tokens"][valid] > 1),
-            "continuation_owner": owner, "continuation_rows": continuation_rows,
-            "continuation_positions": continuation_positions, "continuation_targets": targets,
+            "rows": rows, "positions": positions, "pieces": pieces,
             "teacher_hidden": teacher_hidden[rows, teacher_positions],
-            "teacher_continuation_hidden": teacher_hidden[teacher_rows, teacher_continuation],
-            "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
             "teacher_head": self.head, "teacher_transform": self.transform,
             "teacher_vocab": self.teacher_vocab, "shared_ids": self.shared_ids,
             "method": distillation["cross_tokenizer"],

@@ -3,14 +3,13 @@ own byte-level BPE and a Llama-3-style chat template learns from a Qwen2-style t
 cross-entropy (per student token, over the assistant tokens) is compared with plain SFT over several seeds.
 
     python bench/cross_tokenizer_task.py                                   # SFT, uld, hybrid; seeds 0 and 1
-    python bench/cross_tokenizer_task.py --methods hybrid --temperature 1 --alpha 0.9 --no-merge
+    python bench/cross_tokenizer_task.py --methods hybrid --temperature 1 --alpha 0.9 --max-piece-tokens 4
 
 Data: examples/demo_data.py's task drawn with other seeds than the demo's (train 11, eval 12). The teacher (cached in
 bench/.cross_cache) trains on 4000 rows; every student on the same `--rows` rows for `--epochs` epochs.
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -27,7 +26,6 @@ import torch  # noqa: E402
 import demo  # noqa: E402
 import demo_data  # noqa: E402
 import distil_logits  # noqa: E402
-from alignment import tokenize_row_for_logits  # noqa: E402
 from data import tokenize_row  # noqa: E402
 from losses import causal_lm_loss  # noqa: E402
 
@@ -111,18 +109,18 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=None, help="default: distil_logits.config's")
     parser.add_argument("--matched", type=float, default=None, help="hybrid_matched_weight (default: the config's)")
     parser.add_argument("--unmatched", type=float, default=None, help="hybrid_unmatched_weight (default: the config's)")
-    parser.add_argument("--no-merge", action="store_true", help="compare only 1:1 positions (no merged spans)")
+    parser.add_argument("--max-piece-tokens", type=int, default=None,
+                        help="cross_tokenizer_max_piece_tokens (default: the config's)")
     parser.add_argument("--out", default=os.path.join(CACHE, "results.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     paths = build()
-    if args.no_merge:
-        distil_logits.tokenize_row_for_logits = functools.partial(tokenize_row_for_logits, merge_spans=False)
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
             settings = {"alpha": 0.0} if method == "sft" else {"cross_tokenizer": method}
             for key, value in (("alpha", args.alpha), ("temperature", args.temperature),
-                               ("hybrid_matched_weight", args.matched), ("hybrid_unmatched_weight", args.unmatched)):
+                               ("hybrid_matched_weight", args.matched), ("hybrid_unmatched_weight", args.unmatched),
+                               ("cross_tokenizer_max_piece_tokens", args.max_piece_tokens)):
                 if value is not None and method != "sft":
                     settings[key] = value
             config = demo.run_config(f"cross-{method}", paths["teacher"], paths["student_init"], paths["train"],
@@ -134,7 +132,7 @@ def main() -> None:
             start = time.time()
             trainer = distil_logits.main(config)
             shares = [log["aligned_share"] for log in trainer.state.log_history if "aligned_share" in log]
-            result = {"method": method, "seed": seed, "settings": settings, "merge_spans": not args.no_merge,
+            result = {"method": method, "seed": seed, "settings": settings,
                       "heldout_ce": heldout_ce(config["training"]["output_dir"], paths["eval"]),
                       "aligned_share": sum(shares) / len(shares) if shares else None, "seconds": time.time() - start}
             print(json.dumps(result), flush=True)

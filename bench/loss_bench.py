@@ -320,13 +320,9 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
         from common import return_large_frees_to_the_system
 
         return_large_frees_to_the_system()  # as distil_logits.main does for cross_tokenizer
-        empty = torch.zeros(0, dtype=torch.long, device=hs.device)
         half = torch.arange(vocab // 2, device=hs.device)
         positions = torch.arange(hs.shape[0], device=hs.device)
-        cross = {"rows": torch.zeros_like(positions), "positions": positions, "merged": torch.zeros_like(positions).bool(),
-                 "continuation_owner": empty, "continuation_rows": empty, "continuation_positions": empty,
-                 "continuation_targets": empty, "teacher_hidden": ht, "teacher_continuation_hidden": ht[:0],
-                 "teacher_continuation_owner": empty, "teacher_continuation_targets": empty,
+        cross = {"rows": torch.zeros_like(positions), "positions": positions, "pieces": None, "teacher_hidden": ht,
                  "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": vocab,
                  "shared_ids": (half, half), "method": method, "top_k": top_k, "matched_weight": 1.0,
                  "unmatched_weight": 1.0, "student_transform": (1.0, None)}
@@ -336,7 +332,7 @@ def make_variant(name: str, inputs: dict, settings: dict) -> tuple:
                                                              memory_budget_mb=budget)
             kd = cross_tokenizer_loss.chunked_cross_tokenizer_kd(hs[None], student_head, cross, temperature, vocab,
                                                                  divergence, 0.5, 0.1, budget)
-            return loss + kd_weight * kd * temperature**2 / hs.shape[0]
+            return loss + kd_weight * kd / hs.shape[0]  # T^2 is inside kd, on the hybrid's matched term
 
         return run, {"chunk_tokens": cross_tokenizer_loss.cross_tokenizer_chunk_tokens(vocab, budget)}
 

@@ -1,9 +1,11 @@
-"""Logit distillation across tokenizers (distil_logits.py, distillation.cross_tokenizer): sorted L1 and the hybrid
-loss against direct formulas, the chunked path against the full-logit reference (values and gradients), identical
-tokenizers with every token matched equal to the ordinary KD, the next-token alignment with merged spans on
-hand-made offsets (digits split differently included), the exact-match vocabulary (Ġ / ▁ space markers, special
-tokens), the one-line refusal of a foreign teacher without the option, and training end to end: logged parts, one
-batch of 4 equal to 2 x 2 accumulated, and 2-process DDP equal to one process."""
+"""Logit distillation across tokenizers (distil_logits.py, distillation.cross_tokenizer): sorted L1, uld (at T = 1,
+no T^2) and hybrid (matched term weighted by the teacher's mass on the shared vocabulary) against direct formulas,
+the probability of a piece of several tokens compared on both sides (and a permuted student told apart, which the
+sorted L1 cannot), the chunked path against the full-logit reference (values and gradients) without a host read,
+identical tokenizers with every token matched equal to the ordinary KD, the next-token alignment on hand-made
+offsets (same-text pieces up to the cap, different turn ends dropped) and on a Llama-3-style student against a
+ChatML teacher, the exact-match vocabulary (Ġ / ▁ space markers, special tokens), one-line refusals, and training end
+to end: logged parts, one batch of 4 equal to 2 x 2 accumulated, and 2-process DDP equal to one process."""
 
 import json
 import os
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
 import distil_logits
-from alignment import align_next_tokens, shared_vocabulary, span_continuations, token_texts
+from alignment import align_next_tokens, shared_vocabulary, span_continuations, token_texts, tokenize_row_for_logits
 from common import ConfigError
 from cross_tokenizer_loss import (chunked_cross_tokenizer_kd, cross_tokenizer_chunk_tokens, cross_tokenizer_divergence,
                                   cross_tokenizer_loss, sorted_l1)
@@ -40,61 +42,58 @@ def test_sorted_l1_matches_a_direct_formula():
     assert (top <= sorted_l1(p, q) + 1e-12).all()
 
 
-def direct_hybrid(student_log_probs, teacher_log_probs, student_ids, teacher_ids, student_span, teacher_span, w_m, w_u):
-    """Forward KL on the renormalised shared tokens + sorted L1 on the rest, one row at a time in Python floats."""
+def direct_hybrid(student_logits, teacher_logits, student_ids, teacher_ids, temperature, w_m, w_u):
+    """One row at a time in Python floats: T^2 * w_m * p^T(S) * KL(p^T|S || q^T|S) + w_u * sorted L1 of the rest at
+    T = 1, with p^T = softmax(logits / T) and p|S the distribution conditioned on the shared tokens S."""
     import math
 
+    def softmax(row, t):
+        top = max(row)
+        exps = [math.exp((x - top) / t) for x in row]
+        return [x / sum(exps) for x in exps]
+
     out = []
-    for row in range(student_log_probs.shape[0]):
-        p = [math.exp(x + teacher_span[row]) for x in teacher_log_probs[row].tolist()]
-        q = [math.exp(x + student_span[row]) for x in student_log_probs[row].tolist()]
-        p_shared, q_shared = [p[t] for t in teacher_ids], [q[s] for s in student_ids]
-        p_shared = [x / sum(p_shared) for x in p_shared]
-        q_shared = [x / sum(q_shared) for x in q_shared]
+    for row in range(student_logits.shape[0]):
+        p_t, q_t = softmax(teacher_logits[row].tolist(), temperature), softmax(student_logits[row].tolist(), temperature)
+        mass = sum(p_t[t] for t in teacher_ids)
+        p_shared = [p_t[t] / mass for t in teacher_ids]
+        q_shared = [q_t[s] / sum(q_t[i] for i in student_ids) for s in student_ids]
         kl = sum(a * math.log(a / b) for a, b in zip(p_shared, q_shared))
+        p, q = softmax(teacher_logits[row].tolist(), 1.0), softmax(student_logits[row].tolist(), 1.0)
         p_rest = sorted([x for i, x in enumerate(p) if i not in teacher_ids], reverse=True)
         q_rest = sorted([x for i, x in enumerate(q) if i not in student_ids], reverse=True)
         width = max(len(p_rest), len(q_rest))
         p_rest, q_rest = p_rest + [0.0] * (width - len(p_rest)), q_rest + [0.0] * (width - len(q_rest))
-        out.append(w_m * kl + w_u * sum(abs(a - b) for a, b in zip(p_rest, q_rest)))
+        out.append(temperature**2 * w_m * mass * kl + w_u * sum(abs(a - b) for a, b in zip(p_rest, q_rest)))
     return out
 
 
 def test_hybrid_matches_a_direct_formula():
+    """At T = 2: the matched KL at T, scaled by T^2 and by the teacher's mass on the shared tokens (not renormalised
+    to full weight), plus the sorted L1 of the rest at T = 1 without T^2."""
     generator = torch.Generator().manual_seed(1)
-    student = torch.randn(4, 6, generator=generator, dtype=torch.float64).log_softmax(-1)
-    teacher = torch.randn(4, 8, generator=generator, dtype=torch.float64).log_softmax(-1)
+    student = 3 * torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    teacher = 3 * torch.randn(4, 8, generator=generator, dtype=torch.float64)
     student_ids, teacher_ids = [0, 3, 5], [2, 1, 7]
-    spans = (torch.tensor([0.0, -0.5, 0.0, -1.2], dtype=torch.float64),
-             torch.tensor([-0.3, 0.0, 0.0, -0.1], dtype=torch.float64))
-    got = cross_tokenizer_divergence(student, teacher, "hybrid", (torch.tensor(student_ids), torch.tensor(teacher_ids)),
-                                     "forward_kl", 0.7, 1.3, student_span_log_prob=spans[0], teacher_span_log_prob=spans[1])
-    want = direct_hybrid(student, teacher, student_ids, teacher_ids, spans[0].tolist(), spans[1].tolist(), 0.7, 1.3)
-    assert got.tolist() == pytest.approx(want, abs=1e-12)  # float64 on both sides
-    # merged pairs: the sorted L1 over the whole vocabularies (the strings do not say what a merged entry stands for)
-    merged = torch.tensor([False, True, False, True])
-    got = cross_tokenizer_divergence(student, teacher, "hybrid", (torch.tensor(student_ids), torch.tensor(teacher_ids)),
-                                     "forward_kl", 0.7, 1.3, student_span_log_prob=spans[0],
-                                     teacher_span_log_prob=spans[1], merged=merged)
-    full = 1.3 * sorted_l1((teacher + spans[1][:, None]).exp(), (student + spans[0][:, None]).exp())
-    assert got[merged].tolist() == pytest.approx(full[merged].tolist(), abs=1e-12)
-    assert got[~merged].tolist() == pytest.approx([want[0], want[2]], abs=1e-12)
+    got = cross_tokenizer_loss(student, teacher, "hybrid", (torch.tensor(student_ids), torch.tensor(teacher_ids)),
+                               "forward_kl", 2.0, num_items_in_batch=1, matched_weight=0.7, unmatched_weight=1.3)
+    want = direct_hybrid(student, teacher, student_ids, teacher_ids, 2.0, 0.7, 1.3)
+    assert got.item() == pytest.approx(sum(want), rel=1e-5)  # float32 softmaxes (.float() on the logits)
+    # the teacher's mass on S is what scales the matched term: < 1 in every row here
+    masses = (teacher / 2).softmax(-1)[:, teacher_ids].sum(-1)
+    assert (masses < 0.9).all()
 
 
-def test_identical_tokenizers_with_every_token_matched_equal_the_ordinary_loss():
-    """Same vocabulary, every id matched: the sorted part compares two zero vectors and the matched part is the
-    ordinary KD (forward KL and JSD, at T = 2, normalised by the same N)."""
-    generator = torch.Generator().manual_seed(2)
-    student_logits = torch.randn(1, 6, 11, generator=generator, dtype=torch.float64)
-    teacher_logits = torch.randn(1, 6, 11, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([[-100, 3, 4, 5, 6, 7]])
-    identity = (torch.arange(11), torch.arange(11))
-    for divergence in ("forward_kl", "jsd"):
-        ordinary = logit_distillation_loss(student_logits, teacher_logits, labels, divergence, 2.0, num_items_in_batch=9)
-        cross = cross_tokenizer_loss(student_logits[0, :-1], teacher_logits[0, :-1], "hybrid", identity, divergence, 2.0,
-                                     num_items_in_batch=9)
-        # both compute in float32 (.float() on the logits); the cross path renormalises once more: ~1e-7 rounding
-        assert cross.item() == pytest.approx(ordinary.item(), rel=1e-5)
+def test_uld_is_the_sorted_l1_at_temperature_1_without_t_squared():
+    """ULD's distance: the sorted L1 of the two next-token distributions at T = 1, whatever the distillation
+    temperature, and not multiplied by T^2."""
+    generator = torch.Generator().manual_seed(4)
+    student = 2 * torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    teacher = 2 * torch.randn(5, 9, generator=generator, dtype=torch.float64)
+    want = sorted_l1(teacher.softmax(-1), student.softmax(-1)).sum().item() / 7
+    for temperature in (1.0, 2.0, 4.0):
+        got = cross_tokenizer_loss(student, teacher, "uld", temperature=temperature, num_items_in_batch=7)
+        assert got.item() == pytest.approx(want, rel=1e-5)
 
 
 class Head(torch.nn.Module):
@@ -103,10 +102,38 @@ class Head(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight)
 
 
+def piece_inputs(rows, positions, teacher_positions, span_tokens, teacher_span_tokens, student_ids, teacher_ids,
+                 teacher_states):
+    """The `pieces` of chunked_cross_tokenizer_kd (as teacher_signal.CrossTokenizerTeacher builds them)."""
+    owner, continuation_rows, continuation_positions, targets = span_continuations(rows, positions, span_tokens,
+                                                                                   student_ids)
+    teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
+        rows, teacher_positions, teacher_span_tokens, teacher_ids)
+    return {"merged": (span_tokens > 1) | (teacher_span_tokens > 1), "student_next": student_ids[rows, positions + 1],
+            "teacher_next": teacher_ids[rows, teacher_positions + 1], "continuation_owner": owner,
+            "continuation_rows": continuation_rows, "continuation_positions": continuation_positions,
+            "continuation_targets": targets, "teacher_continuation_hidden": teacher_states[teacher_rows, teacher_continuation],
+            "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets}
+
+
+def reference_pieces(pieces, student_logits, teacher_weight):
+    """The reference's `pieces`: the following tokens' log-probabilities (T = 1) summed per pair, from the student's
+    full logits (batch, seq, Vs) and the teacher's head applied to its continuation states."""
+    pairs = pieces["merged"].numel()
+    student = student_logits.log_softmax(-1)[pieces["continuation_rows"], pieces["continuation_positions"]]
+    teacher = (pieces["teacher_continuation_hidden"] @ teacher_weight.t()).log_softmax(-1)
+    return {"merged": pieces["merged"], "student_next": pieces["student_next"], "teacher_next": pieces["teacher_next"],
+            "student_rest": torch.zeros(pairs, dtype=torch.float64).index_add(
+                0, pieces["continuation_owner"], student.gather(1, pieces["continuation_targets"][:, None])[:, 0]),
+            "teacher_rest": torch.zeros(pairs, dtype=torch.float64).index_add(
+                0, pieces["teacher_continuation_owner"],
+                teacher.gather(1, pieces["teacher_continuation_targets"][:, None])[:, 0])}
+
+
 @pytest.mark.parametrize("method", ["uld", "hybrid"])
 def test_chunked_path_equals_the_full_logit_reference(method):
-    """Merged spans on both sides, chunks of 16 pairs over 40 pairs: value and gradients of the hidden states and the
-    head equal those of the reference built from full logits (up to float32 rounding)."""
+    """Pieces of several tokens on both sides, chunks of 16 pairs over 40 pairs, T = 2: value and gradients of the
+    hidden states and the head equal those of the reference built from full logits (up to float32 rounding)."""
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 30, 8, generator=generator, dtype=torch.float64)
     student_head = Head(torch.randn(13, 8, generator=generator, dtype=torch.float64))
@@ -122,15 +149,10 @@ def test_chunked_path_equals_the_full_logit_reference(method):
     temperature = 2.0
     hidden.requires_grad_(True)
 
-    owner, continuation_rows, continuation_positions, targets = span_continuations(rows, positions, span_tokens, student_ids)
-    teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
-        rows, teacher_positions, teacher_span_tokens, teacher_ids)
-    merged = (span_tokens > 1) | (teacher_span_tokens > 1)
-    cross = {"rows": rows, "positions": positions, "merged": merged, "continuation_owner": owner,
-             "continuation_rows": continuation_rows, "continuation_positions": continuation_positions,
-             "continuation_targets": targets, "teacher_hidden": teacher_states[rows, teacher_positions],
-             "teacher_continuation_hidden": teacher_states[teacher_rows, teacher_continuation],
-             "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
+    pieces = piece_inputs(rows, positions, teacher_positions, span_tokens, teacher_span_tokens, student_ids,
+                          teacher_ids, teacher_states)
+    cross = {"rows": rows, "positions": positions, "pieces": pieces,
+             "teacher_hidden": teacher_states[rows, teacher_positions],
              "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": 17, "shared_ids": shared,
              "method": method, "top_k": None, "matched_weight": 0.6, "unmatched_weight": 1.4,
              "student_transform": (1.0, None)}
@@ -138,16 +160,11 @@ def test_chunked_path_equals_the_full_logit_reference(method):
     chunked = chunked_cross_tokenizer_kd(hidden, student_head, cross, temperature, 13, "forward_kl", 0.5, 0.1, 1e-3)
     chunked_grads = torch.autograd.grad(chunked, (hidden, student_head.weight))
 
-    student_log_probs = (hidden @ student_head.weight.t() / temperature).log_softmax(-1)
-    teacher_log_probs = (teacher_states @ teacher_head.weight.t() / temperature).log_softmax(-1)
-    student_span = torch.zeros(40, dtype=torch.float64).index_add(
-        0, owner, student_log_probs[continuation_rows, continuation_positions].gather(1, targets[:, None])[:, 0])
-    teacher_span = torch.zeros(40, dtype=torch.float64).index_add(
-        0, teacher_owner, teacher_log_probs[teacher_rows, teacher_continuation].gather(1, teacher_targets[:, None])[:, 0])
+    student_logits, teacher_logits = hidden @ student_head.weight.t(), teacher_states @ teacher_head.weight.t()
+    references = reference_pieces(pieces, student_logits, teacher_head.weight)
     reference = cross_tokenizer_loss(
-        (hidden @ student_head.weight.t())[rows, positions], (teacher_states @ teacher_head.weight.t())[rows, teacher_positions],
-        method, shared, "forward_kl", temperature, num_items_in_batch=temperature**2, student_span_log_prob=student_span,
-        teacher_span_log_prob=teacher_span, matched_weight=0.6, unmatched_weight=1.4, merged=merged)
+        student_logits[rows, positions], teacher_logits[rows, teacher_positions], method, shared, "forward_kl",
+        temperature, num_items_in_batch=1, pieces=references, matched_weight=0.6, unmatched_weight=1.4)
     reference_grads = torch.autograd.grad(reference, (hidden, student_head.weight))
     # both paths take the softmaxes in float32 (.float() on float64 logits), in other orders: float32 rounding
     assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -155,42 +172,148 @@ def test_chunked_path_equals_the_full_logit_reference(method):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_alignment_merges_spans_on_hand_made_offsets():
+def test_alignment_keeps_same_text_pieces_up_to_the_cap_on_hand_made_offsets():
     # student "X|ab|c|def", teacher "Y|a|b|cd|ef": both end a token after "X"/"Y" (r = 0) and after "ab" (r = 2).
     student = ("Xabcdef", [(1, 7)], [(0, 1), (1, 3), (3, 4), (4, 7)])
     teacher = ("Yabcdef", [(1, 7)], [(0, 1), (1, 2), (2, 3), (3, 5), (5, 7)])
-    assert align_next_tokens(*student, *teacher) == [(0, 0, 1, 2), (1, 2, 2, 2)]
-    assert align_next_tokens(*student, *teacher, merge_spans=False) == []
-    # different end-of-turn markers ("|" vs "#"): after the common text each side's last token is its marker, 1:1
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=2) == [(0, 0, 1, 2), (1, 2, 2, 2)]
+    assert align_next_tokens(*student, *teacher) == []  # the default: only one token on each side
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=1) == []
+    # "cdef": 2 student and 2 teacher tokens; a cap of 1 or a longer piece on one side drops it
+    student = ("Xabcdefg", [(1, 8)], [(0, 1), (1, 3), (3, 4), (4, 8)])
+    teacher = ("Yabcdefg", [(1, 8)], [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6), (6, 8)])
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=2) == [(0, 0, 1, 1), (1, 1, 1, 1)]
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=3) == [(0, 0, 1, 1), (1, 1, 1, 1), (2, 2, 1, 3)]
+
+
+def test_turn_ends_of_two_templates_are_not_paired_on_hand_made_offsets():
+    """Different end-of-turn markers ("|" against "#"): after the common text each side's last piece is its own
+    marker, different text, so that pair is dropped whatever the cap; the same marker on both sides stays paired."""
     student = ("Xab|", [(1, 4)], [(0, 1), (1, 3), (3, 4)])
     teacher = ("Yab#", [(1, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)])
-    assert align_next_tokens(*student, *teacher) == [(0, 0, 1, 2), (1, 2, 1, 1)]
-    assert align_next_tokens(*student, *teacher, merge_spans=False) == [(1, 2, 1, 1)]
+    assert align_next_tokens(*student, *teacher) == []
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=4) == [(0, 0, 1, 2)]
+    same_marker = ("Yab|", [(1, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)])
+    assert align_next_tokens(*student, *same_marker, max_piece_tokens=4) == [(0, 0, 1, 2), (1, 2, 1, 1)]
 
 
-def test_digits_split_differently():
-    """'x 1234.': the student writes the number as "12" "34", the teacher digit by digit. Pairs exist before "1" and
-    before "3" only, each a merged span (1 student token, 2 teacher tokens), so hybrid compares them with the sorted
-    L1 over whole distributions: a student that gives "12" the probability the teacher gives the digits "1" then "2"
-    costs nothing there, instead of the shared-token KL pulling its mass onto the single digit "1"."""
+LLAMA3_SPECIALS = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama3_style_tokenizer(path):
+    """A byte-level BPE with Llama-3's special tokens and a Llama-3-style template, trained in-process."""
+    from demo_data import _qwen2_pipeline
+    from test_distil_hidden import LLAMA3_TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    normalizer, pre_tokenizer, decoder = _qwen2_pipeline()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoder
+    texts = [" ".join(turn["value"] for turn in row["conversations"]) for row in CONVERSATIONS] * 5
+    tokenizer.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=LLAMA3_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|end_of_text|>", pad_token="<|end_of_text|>",
+                            bos_token="<|begin_of_text|>", extra_special_tokens=LLAMA3_SPECIALS[2:],
+                            chat_template=LLAMA3_TEMPLATE).save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_a_llama3_style_student_and_a_chatml_teacher_pair_only_the_same_next_text(assets, tmp_path):
+    """Two templates that end a turn differently (<|eot_id|> against <|im_end|>), on tokenizers built in-process:
+    every pair's next piece is the same text on both sides (decoded from each side's own tokens), so no pair faces
+    <|eot_id|> with <|im_end|>; with pieces of up to 4 tokens too."""
+    from transformers import AutoTokenizer
+
+    student_tokenizer = llama3_style_tokenizer(str(tmp_path / "llama3"))
+    teacher_tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    assert teacher_tokenizer.convert_tokens_to_ids("<|im_end|>") in teacher_tokenizer.all_special_ids
+    eot = student_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for settings in ({}, {"max_piece_tokens": 4}):
+        compared = 0
+        for row in CONVERSATIONS[:3]:
+            pair = tokenize_row_for_logits(row, student_tokenizer, teacher_tokenizer, "sharegpt", 256, **settings)
+            assert eot in pair["labels"]  # the assistant turn's end is trained
+            for s, t, s_tokens, t_tokens in zip(pair["student_positions"], pair["teacher_positions"],
+                                                pair["student_span_tokens"], pair["teacher_span_tokens"]):
+                student_piece = student_tokenizer.decode(pair["input_ids"][s + 1:s + 1 + s_tokens])
+                teacher_piece = teacher_tokenizer.decode(pair["teacher_input_ids"][t + 1:t + 1 + t_tokens])
+                assert student_piece == teacher_piece, (student_piece, teacher_piece)
+                compared += 1
+        assert compared > 10
+
+
+def test_a_piece_is_compared_by_its_probability_on_both_sides():
+    """'x 1234.': the student writes "12" as one token, the teacher digit by digit. With pieces of up to 2 tokens the
+    pairs before "12" and "34" are kept as pieces (1 student token, 2 teacher tokens). What both sides give a
+    probability to is the text "12": the student's p("12") against the teacher's p("1") p("2" | "1"). A student that
+    matches it costs (almost) nothing whatever the rest of its distribution; one that puts the same numbers on other
+    tokens (0.9 on the single digit "1", a permutation that the identity-blind sorted L1 cannot see) costs a lot."""
     text = "<a>x 1234.<e>"
     student = (text, [(3, 13)], [(0, 3), (3, 4), (4, 5), (5, 7), (7, 9), (9, 10), (10, 13)])
     teacher = (text, [(3, 13)], [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 13)])
-    pairs = align_next_tokens(*student, *teacher)
     # before "x", before " ", before "12" (1 vs 2 tokens), before "34" (1 vs 2), before ".", before "<e>"
-    assert pairs == [(0, 0, 1, 1), (1, 1, 1, 1), (2, 2, 1, 2), (3, 4, 1, 2), (4, 6, 1, 1), (5, 7, 1, 1)]
+    assert align_next_tokens(*student, *teacher, max_piece_tokens=2) == [
+        (0, 0, 1, 1), (1, 1, 1, 1), (2, 2, 1, 2), (3, 4, 1, 2), (4, 6, 1, 1), (5, 7, 1, 1)]
+    assert align_next_tokens(*student, *teacher) == [(0, 0, 1, 1), (1, 1, 1, 1), (4, 6, 1, 1), (5, 7, 1, 1)]
     # the pair before "12": student vocabulary ["1", "12", "2", other], teacher ["1", "2", other]; "1" and "2" shared
-    student_log_probs = torch.tensor([[0.02, 0.9, 0.02, 0.06]], dtype=torch.float64).log()
     teacher_first = torch.tensor([[0.95, 0.02, 0.03]], dtype=torch.float64).log()
-    teacher_span = torch.tensor([0.9 / 0.95], dtype=torch.float64).log()  # p("2" | "1") so that p("1" "2") = 0.9
+    pieces = {"merged": torch.tensor([True]), "student_next": torch.tensor([1]), "teacher_next": torch.tensor([0]),
+              "student_rest": torch.zeros(1, dtype=torch.float64),
+              "teacher_rest": torch.tensor([0.9 / 0.95], dtype=torch.float64).log()}  # p("2" | "1"): p("12") = 0.9
     shared = (torch.tensor([0, 2]), torch.tensor([0, 1]))
-    merged = cross_tokenizer_divergence(student_log_probs, teacher_first, "hybrid", shared,
-                                        teacher_span_log_prob=teacher_span, merged=torch.tensor([True]))
-    as_one_to_one = cross_tokenizer_divergence(student_log_probs, teacher_first, "hybrid", shared,
-                                               teacher_span_log_prob=teacher_span)
-    # merged: only the tails differ (0.06 + 0.02 + 0.02 vs 0.03 + 0.02 and the scaled-away mass); unmerged, the
-    # student's 0.9 on "12" is unmatched mass the teacher does not have
-    assert merged.item() < 0.2 < as_one_to_one.item()
+    matching = torch.tensor([[0.02, 0.9, 0.02, 0.06]], dtype=torch.float64).log()
+    permuted = torch.tensor([[0.9, 0.02, 0.02, 0.06]], dtype=torch.float64).log()
+    for method in ("uld", "hybrid"):
+        costs = [cross_tokenizer_loss(student_logits, teacher_first, method, shared, pieces=pieces).item()
+                 for student_logits in (matching, permuted)]
+        assert costs[0] < 1e-5 and costs[1] > 1.0, (method, costs)
+        # the sorted L1 of the first tokens' distributions is the same for both students: it cannot tell them apart
+        assert sorted_l1(teacher_first.exp(), matching.exp()).item() == pytest.approx(
+            sorted_l1(teacher_first.exp(), permuted.exp()).item())
+
+
+def test_piece_divergence_is_the_divergence_of_two_point_distributions():
+    """hybrid: D({P_t, 1 - P_t}, {P_s, 1 - P_s}) for each configured D; uld: their L1 distance."""
+    from cross_tokenizer_loss import piece_divergence
+    from losses import DIVERGENCES, token_divergence
+
+    p, q = torch.tensor([0.7, 0.05, 0.999], dtype=torch.float64), torch.tensor([0.4, 0.3, 0.5], dtype=torch.float64)
+    for divergence in DIVERGENCES:
+        want = token_divergence(torch.stack([q, 1 - q], -1).log(), torch.stack([p, 1 - p], -1).log(), divergence)
+        torch.testing.assert_close(piece_divergence(q.log(), p.log(), "hybrid", divergence), want)
+    torch.testing.assert_close(piece_divergence(q.log(), p.log(), "uld"), 2 * (p - q).abs())
+    # a piece probability of 1 (rounding in a long product) stays finite
+    assert torch.isfinite(piece_divergence(torch.zeros(1), torch.tensor([-0.1]), "hybrid")).all()
+
+
+def test_chunked_path_reads_no_value_on_the_host(monkeypatch):
+    """No bool(), item(), tolist() or int() of a tensor inside the loss (each a device sync per chunk on a GPU): with
+    them made to fail, the chunked path with pieces still runs forward and backward."""
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 12, 8, generator=generator, requires_grad=True)
+    student_head, teacher_head = Head(torch.randn(13, 8, generator=generator)), Head(torch.randn(17, 6, generator=generator))
+    teacher_states = torch.randn(2, 12, 6, generator=generator)
+    student_ids, teacher_ids = torch.randint(0, 13, (2, 12), generator=generator), torch.randint(0, 17, (2, 12), generator=generator)
+    rows, positions = torch.arange(20) % 2, torch.arange(20) // 2
+    pieces = piece_inputs(rows, positions, positions, 1 + torch.arange(20) % 2, torch.ones(20, dtype=torch.long),
+                          student_ids, teacher_ids, teacher_states)
+    cross = {"rows": rows, "positions": positions, "pieces": pieces, "teacher_hidden": teacher_states[rows, positions],
+             "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": 17,
+             "shared_ids": (torch.tensor([0, 2]), torch.tensor([1, 2])), "method": "hybrid", "top_k": None,
+             "matched_weight": 1.0, "unmatched_weight": 0.25, "student_transform": (1.0, None)}
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value read on the host")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    total = chunked_cross_tokenizer_kd(hidden, student_head, cross, 2.0, 13, "forward_kl", 0.5, 0.1, 1e-3)
+    total.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(total).item() and hidden.grad.abs().sum().item() > 0
 
 
 def space_marker_tokenizers():
@@ -229,6 +352,15 @@ def foreign(assets, tmp_path_factory):
     return {**assets, "teacher": teacher}
 
 
+@pytest.mark.parametrize("value", [0, 17, 2.0, True])
+def test_a_bad_piece_cap_is_refused_in_one_line(foreign, tmp_path, value):
+    config = tiny_config(foreign, str(tmp_path / "out"), cross_tokenizer="hybrid",
+                         cross_tokenizer_max_piece_tokens=value)
+    with pytest.raises(ConfigError, match="cross_tokenizer_max_piece_tokens must be an integer from 1 to 16"):
+        distil_logits.main(config)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_foreign_teacher_without_the_option_is_refused_in_one_line(foreign, tmp_path):
     config = tiny_config(foreign, str(tmp_path / "out"))
     with pytest.raises(ConfigError) as error:
@@ -238,8 +370,9 @@ def test_foreign_teacher_without_the_option_is_refused_in_one_line(foreign, tmp_
     assert not os.path.exists(tmp_path / "out")
 
 
-def sgd_config(foreign, out, batch, accumulation):
-    config = tiny_config(foreign, out, alpha=0.5, cross_tokenizer="hybrid")
+def sgd_config(foreign, out, batch, accumulation, max_piece_tokens=1):
+    config = tiny_config(foreign, out, alpha=0.5, cross_tokenizer="hybrid", temperature=2.0,
+                         cross_tokenizer_max_piece_tokens=max_piece_tokens)
     config["dataset"]["eval_size"] = 0
     config["training"].update(max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                               optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
@@ -247,21 +380,24 @@ def sgd_config(foreign, out, batch, accumulation):
     return config
 
 
-@pytest.fixture(scope="module")
-def accumulated(foreign, tmp_path_factory):
-    """One SGD step of hybrid KD over 2 x 2 accumulated rows: the reference of the next two tests."""
+@pytest.fixture(scope="module", params=[1, 3], ids=["one_token", "pieces_of_3"])
+def accumulated(foreign, tmp_path_factory, request):
+    """One SGD step of hybrid KD over 2 x 2 accumulated rows (only 1:1 pairs, the default, or pieces of up to 3
+    tokens): the reference of the next two tests."""
     out = str(tmp_path_factory.mktemp("accumulated") / "out")
-    distil_logits.main(sgd_config(foreign, out, 2, 2))
-    return load_file(os.path.join(out, "model.safetensors"))
+    distil_logits.main(sgd_config(foreign, out, 2, 2, request.param))
+    return request.param, load_file(os.path.join(out, "model.safetensors"))
 
 
 def test_training_logs_the_parts_and_accumulation_matches_one_batch(foreign, accumulated, tmp_path):
     """SGD: the update is the gradient, so equal weights after one batch of 4 and after 2 x 2 accumulated rows mean
     equal gradients (rows have different numbers of tokens and of aligned pairs)."""
+    max_piece_tokens, accumulated = accumulated
     start = load_file(os.path.join(foreign["student"], "model.safetensors"))
-    trainer = distil_logits.main(sgd_config(foreign, str(tmp_path / "out"), 4, 1))
+    trainer = distil_logits.main(sgd_config(foreign, str(tmp_path / "out"), 4, 1, max_piece_tokens))
     log = next(log for log in trainer.state.log_history if "kd_loss" in log)
-    assert log["kd_loss"] > 0 and log["ce_loss"] > 0 and 0.5 < log["aligned_share"] <= 1
+    # pieces of several tokens add pairs that 1:1 pairing drops (measured 0.47 and 0.69 of the counted positions)
+    assert log["kd_loss"] > 0 and log["ce_loss"] > 0 and (0.4 if max_piece_tokens == 1 else 0.6) < log["aligned_share"] <= 1
     assert log["loss"] == pytest.approx(0.5 * log["kd_loss"] + 0.5 * log["ce_loss"], rel=1e-4)
     single = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert any(not torch.equal(start[name], single[name]) for name in start)
@@ -274,7 +410,8 @@ def test_ddp_two_processes_match_one(foreign, accumulated, tmp_path):
     """2 processes x batch 2 = one process x batch 2 x 2 accumulated: the same SGD step."""
     from test_multiprocess import launch
 
-    config = sgd_config(foreign, str(tmp_path / "out"), 2, 1)
+    max_piece_tokens, accumulated = accumulated
+    config = sgd_config(foreign, str(tmp_path / "out"), 2, 1, max_piece_tokens)
     path = tmp_path / "ddp.json"
     path.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
                                                              "distillation", "training")}))
@@ -296,10 +433,11 @@ def direct_top_k_l1(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["uld", "hybrid"])
 def test_chunked_path_on_a_real_sized_vocabulary_sorts_the_top_256(method):
     """Vocabularies of 4,200 (student) and 4,500 (teacher) entries, above the 4,096 from which the trainer compares
-    sorted distributions by their top 256 (cross_tokenizer_loss.sorted_l1_top_k): with merged spans on both sides and 3 chunks, the
-    chunked value and gradients equal a float64 reference from full logits whose top-256 sorted L1 comes from a full
-    sort (test_chunked_path_equals_the_full_logit_reference covers the whole sort at small vocabularies)."""
-    from cross_tokenizer_loss import sorted_l1_top_k
+    sorted distributions by their top 256 (cross_tokenizer_loss.sorted_l1_top_k): with pieces on both sides, 3 chunks
+    and T = 2, the chunked value and gradients equal a float64 reference from full logits whose top-256 sorted L1
+    comes from a full sort (test_chunked_path_equals_the_full_logit_reference covers the whole sort at small
+    vocabularies)."""
+    from cross_tokenizer_loss import piece_divergence, sorted_l1_top_k
     from losses import token_divergence
 
     student_vocab, teacher_vocab = 4200, 4500
@@ -319,16 +457,10 @@ def test_chunked_path_on_a_real_sized_vocabulary_sorts_the_top_256(method):
               torch.randperm(teacher_vocab, generator=generator)[:3000])
     temperature = 2.0
     hidden.requires_grad_(True)
-    owner, continuation_rows, continuation_positions, targets = span_continuations(rows, positions, span_tokens,
-                                                                                   student_ids)
-    teacher_owner, teacher_rows, teacher_continuation, teacher_targets = span_continuations(
-        rows, teacher_positions, teacher_span_tokens, teacher_ids)
-    merged = (span_tokens > 1) | (teacher_span_tokens > 1)
-    cross = {"rows": rows, "positions": positions, "merged": merged, "continuation_owner": owner,
-             "continuation_rows": continuation_rows, "continuation_positions": continuation_positions,
-             "continuation_targets": targets, "teacher_hidden": teacher_states[rows, teacher_positions],
-             "teacher_continuation_hidden": teacher_states[teacher_rows, teacher_continuation],
-             "teacher_continuation_owner": teacher_owner, "teacher_continuation_targets": teacher_targets,
+    pieces = piece_inputs(rows, positions, teacher_positions, span_tokens, teacher_span_tokens, student_ids,
+                          teacher_ids, teacher_states)
+    cross = {"rows": rows, "positions": positions, "pieces": pieces,
+             "teacher_hidden": teacher_states[rows, teacher_positions],
              "teacher_head": teacher_head, "teacher_transform": (1.0, None), "teacher_vocab": teacher_vocab,
              "shared_ids": shared, "method": method, "top_k": top_k, "matched_weight": 0.6, "unmatched_weight": 1.4,
              "student_transform": (1.0, None)}
@@ -336,30 +468,33 @@ def test_chunked_path_on_a_real_sized_vocabulary_sorts_the_top_256(method):
                                          0.1, 1e-3)
     chunked_grads = torch.autograd.grad(chunked, (hidden, student_head.weight))
 
-    # The reference, in float64 from the full logits of both models.
-    student_log_probs = (hidden @ student_head.weight.t() / temperature).log_softmax(-1)
-    teacher_log_probs = (teacher_states @ teacher_head.weight.t() / temperature).log_softmax(-1)
-    student_span = torch.zeros(40, dtype=torch.float64).index_add(
-        0, owner, student_log_probs[continuation_rows, continuation_positions].gather(1, targets[:, None])[:, 0])
-    teacher_span = torch.zeros(40, dtype=torch.float64).index_add(
-        0, teacher_owner, teacher_log_probs[teacher_rows, teacher_continuation].gather(1, teacher_targets[:, None])[:, 0])
-    student_first, teacher_first = student_log_probs[rows, positions], teacher_log_probs[rows, teacher_positions]
-    p, q = (teacher_first + teacher_span[:, None]).exp(), (student_first + student_span[:, None]).exp()
+    # The reference, in float64 from the full logits of both models, written out term by term.
+    student_logits, teacher_logits = hidden @ student_head.weight.t(), teacher_states @ teacher_head.weight.t()
+    references = reference_pieces(pieces, student_logits, teacher_head.weight)
+    student_first, teacher_first = student_logits[rows, positions], teacher_logits[rows, teacher_positions]
+    p, q = teacher_first.softmax(-1), student_first.softmax(-1)  # T = 1 for the sorted L1
     whole = direct_top_k_l1(p, q, top_k)
+    student_piece = student_first.log_softmax(-1).gather(1, pieces["student_next"][:, None])[:, 0] + references["student_rest"]
+    teacher_piece = teacher_first.log_softmax(-1).gather(1, pieces["teacher_next"][:, None])[:, 0] + references["teacher_rest"]
     if method == "uld":
-        per_pair = whole
+        per_pair = torch.where(pieces["merged"], 2 * (student_piece.exp() - teacher_piece.exp()).abs(), whole)
     else:
-        matched = token_divergence(student_first[:, shared[0]].log_softmax(-1), teacher_first[:, shared[1]].log_softmax(-1),
-                                   "forward_kl")
+        student_tempered, teacher_tempered = (student_first / temperature), (teacher_first / temperature)
+        teacher_shared = teacher_tempered.log_softmax(-1)[:, shared[1]]
+        mass = teacher_shared.exp().sum(-1)
+        matched = mass * token_divergence(student_tempered[:, shared[0]].log_softmax(-1),
+                                          teacher_tempered[:, shared[1]].log_softmax(-1), "forward_kl")
         rest = direct_top_k_l1(p.index_fill(1, shared[1], 0.0), q.index_fill(1, shared[0], 0.0), top_k)
-        per_pair = torch.where(merged, 1.4 * whole, 0.6 * matched + 1.4 * rest)
+        per_pair = torch.where(pieces["merged"], 0.6 * piece_divergence(student_piece, teacher_piece, "hybrid"),
+                               temperature**2 * 0.6 * matched + 1.4 * rest)
+    assert pieces["merged"].any() and not pieces["merged"].all()
     reference = per_pair.sum()
     reference_grads = torch.autograd.grad(reference, (hidden, student_head.weight))
     # the kernel takes its softmaxes in float32: float32 rounding
     assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
     for got, want in zip(chunked_grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    # the top-256 comparison is not the whole sort here (measured 22.90 against 23.03): the path that was checked is
-    # the one real vocabularies take
-    assert (p.topk(top_k, -1).values.sum(-1) < 0.9).all()
-    assert direct_top_k_l1(p, q, teacher_vocab).sum().item() - whole.sum().item() > 0.05
+    # the top-256 comparison is not the whole sort here (27.510 against 27.498, 40x the value check's tolerance): the
+    # path that was checked is the one real vocabularies take
+    assert p.topk(top_k, -1).values.sum(-1).mean() < 0.9
+    assert direct_top_k_l1(p, q, teacher_vocab).sum().item() - whole.sum().item() > 0.005
