@@ -193,6 +193,8 @@ class DistillationTrainer(SFTTrainer):
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         if self.model.training:
             logs.update(self.speed.pop())
+            if self.teacher_signal is not None:
+                logs.update(self.teacher_signal.pop_logs())
         super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs) -> None:
