@@ -40,9 +40,14 @@ from teacher_signal import LossTerms, ServedTopK, TopK, add_distillation_forward
 K = 16
 
 
+SGD = dict(optim="sgd", learning_rate=0.5, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+
+
 def served_config(assets, served, output_dir: str, teacher: str, **training) -> dict:
-    """tiny_config at T = 1 with the teacher served at served["url"] (or `served` itself when it is a URL)."""
+    """tiny_config at T = 1 with the teacher served at served["url"] (or `served` itself when it is a URL). Plain SGD:
+    AdamW would turn a float32 rounding difference in a near-zero gradient into a whole step."""
     config = tiny_config(assets, output_dir, temperature=1.0, alpha=0.5)
+    config["training"].update(SGD)
     config["models"]["teacher"] = teacher
     config["teacher_server"].update(url=served if isinstance(served, str) else served["url"], top_k=K, max_retries=1,
                                     timeout_s=30)
@@ -157,7 +162,7 @@ def test_main_trains_from_the_server_with_a_weightless_teacher_and_matches_the_c
     monkeypatch.setattr(teacher_signal.InProcessTeacher, "vocab_size", served["vocab"], raising=False)
     reference = tiny_config(assets, str(tmp_path / "in_process"), temperature=1.0, alpha=0.5)
     reference["models"]["teacher"] = served["model"]
-    reference["training"]["max_steps"] = 2
+    reference["training"].update(max_steps=2, **SGD)
     reference_trainer = distil_logits.main(reference)
     want = [log for log in reference_trainer.state.log_history if "kd_loss" in log and "eval_kd_loss" not in log]
     for got, expected in zip(logged, want):
