@@ -10,6 +10,7 @@ server of a tiny Qwen2 (the `served` fixture, conftest.py):
   values within the codec's rounding);
 - a server killed mid-run stops the run in one line, the newest checkpoint is left as it was, and resuming once a
   server is back ends where an uninterrupted run ends;
+- on-policy: the server scores the student's sampled sequences, with the capture path's losses;
 - 2-process DDP: each process asks the server for its own rows only;
 - the config checks of the teacher_server block (no server needed).
 
@@ -171,6 +172,38 @@ def test_main_trains_from_the_server_with_a_weightless_teacher_and_matches_the_c
     got_weights = load_file(os.path.join(config["training"]["output_dir"], "model.safetensors"))
     for name, value in load_file(os.path.join(reference["training"]["output_dir"], "model.safetensors")).items():
         torch.testing.assert_close(got_weights[name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_on_policy_the_server_scores_the_sampled_sequences(served, assets, weightless_teacher, tmp_path, monkeypatch):
+    """on_policy.fraction 1: every micro-batch is the student's own completions, sent as they are to the server; the
+    losses equal an in-process run's whose teacher answers with the capture path's top-k (the samples are the same:
+    they depend on the student and the seed only)."""
+    sent = []
+    original_prepare = ServedTopK.prepare
+
+    def recording_prepare(self, batches):
+        sent.extend(batch for batch in batches)
+        original_prepare(self, batches)
+
+    monkeypatch.setattr(ServedTopK, "prepare", recording_prepare)
+    config = served_config(assets, served, str(tmp_path / "served"), weightless_teacher, max_steps=2,
+                           eval_strategy="no")
+    config["on_policy"].update(fraction=1.0, max_new_tokens=8)
+    trainer = distil_logits.main(config)
+    assert len(sent) == 4 and all("completion_lengths" in batch for batch in sent)
+
+    monkeypatch.setattr(teacher_signal.InProcessTeacher, "signal", exact_topk_signal)
+    monkeypatch.setattr(teacher_signal.InProcessTeacher, "vocab_size", served["vocab"], raising=False)
+    reference = tiny_config(assets, str(tmp_path / "in_process"), temperature=1.0, alpha=0.5)
+    reference["models"]["teacher"] = served["model"]
+    reference["training"].update(max_steps=2, eval_strategy="no", **SGD)
+    reference["on_policy"].update(fraction=1.0, max_new_tokens=8)
+    want = [log for log in distil_logits.main(reference).state.log_history if "loss" in log and "train_loss" not in log]
+    got = [log for log in trainer.state.log_history if "loss" in log and "train_loss" not in log]
+    assert len(got) == len(want) == 2
+    for got_log, want_log in zip(got, want):
+        assert got_log["loss"] == pytest.approx(want_log["loss"], rel=1e-5)
 
 
 @pytest.mark.slow
