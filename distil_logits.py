@@ -94,7 +94,7 @@ config = {
         "api_key_env": None,  # name of the environment variable holding the server's --api-key (never the key itself)
         "timeout_s": 120,  # longest silence of the server while connecting or answering before a retry
         "max_retries": 5,  # retries of a failed request (backoff 0.5 s, doubling) before the run stops with one line
-        "prefetch": 2,  # micro-batches requested ahead of the one the student trains on (0: each when reached)
+        "prefetch": 2,  # micro-batches of the step requested ahead of the one the student trains on (0: each when reached)
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length

@@ -20,7 +20,7 @@ no smaller format on this endpoint (`return_tokens_as_token_ids` changes only sa
 `counted_topk` turns the answers into the offline capture's top-k form (offline.TopKReader.batch): ids, log-probs at
 the distillation temperature, and the mass outside them, at the counted positions in the order the loss counts them.
 At temperature 1 it equals the in-process capture; at other temperatures the mass outside the top k can only be
-estimated (see topk_at_temperature).
+estimated (see topk_at_temperature), so distil_logits.py refuses a served teacher at T != 1 (check_teacher_server).
 """
 
 from __future__ import annotations
@@ -314,8 +314,8 @@ def topk_at_temperature(ids: torch.Tensor, raw_log_probs: torch.Tensor, k: int, 
        the tail equal the capture's) and at any T when k is the whole vocabulary. Below it, r^(1/T) is the least the
        tempered rest can be (all of r on one token): the real rest is spread over many tokens, each gaining from 1 / T.
        On Zipf-like logits over 151,936 ids at T = 2 (tests/test_served_teacher.py) the tempered tail comes out 0.01
-       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. Use T = 1
-       with a served teacher (or capture in-process) until a better tail estimate exists.
+       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. So
+       check_teacher_server refuses T != 1 with a served teacher (capture in-process for another temperature).
     Computed in float64, returned as float32 (ids int64).
     """
     ids, raw = ids.long(), raw_log_probs.double()
