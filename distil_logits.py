@@ -6,6 +6,7 @@ mixed with the usual cross-entropy. Teacher and student share a tokenizer, or di
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_logits.py   # DeepSpeed ZeRO-3
     python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python distil_logits.py --config capture.yaml             # offline.mode: capture -> store the teacher's top-k once
+    bash scripts/serve_teacher.sh TEACHER & python distil_logits.py --config served.yaml   # teacher_server.url: vLLM
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
 
 Copy this file per experiment and edit `config`.
@@ -25,7 +26,8 @@ The loss, per optimizer step (losses.py has the reference formulas and the memor
   compared. CE uses the student's whole head, as the model's own loss does.
 - N is the number of counted positions in the whole optimizer step (all accumulated micro-batches, all processes):
   the Trainer's `num_items_in_batch`, so that 2 x 2 accumulated rows train exactly as a batch of 4.
-- Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest.
+- Offline training (`offline.mode: train`) replaces p by the teacher's stored top-k plus one bucket for the rest;
+  a served teacher (`teacher_server.url`, T = 1 only) by the server's top-k plus that bucket, the same way.
 - On-policy (`on_policy.fraction` > 0, on_policy.py): a sampled micro-batch replaces each row's last answer by the
   student's own completion of the prompt; its loss is KD alone (no ground truth for CE) on the completion tokens,
   with the same N (the step's counted tokens, completions included), and with the on_policy block's own D and T
@@ -65,8 +67,9 @@ from distillation_trainer import DistillationTrainer, check_kd_settings, config_
 from distributed import check_launch, peak_memory_mib, print_memory_report
 from offline import CaptureRowCollator, capture_teacher, with_row_index
 from on_policy import COMPLETION_LENGTHS, OnPolicySampler, PromptCollator, check_on_policy, on_policy_parts
-from teacher_signal import (AlignedPairs, CapturedTopK, CrossTokenizerTeacher, InProcessTeacher, LossTerms, model_inputs,
-                            student_loss)
+from served_teacher import check_teacher_server, served_teacher_from_config
+from teacher_signal import (AlignedPairs, CapturedTopK, CrossTokenizerTeacher, InProcessTeacher, LossTerms, ServedTopK,
+                            model_inputs, student_loss)
 
 config = {
     "project_name": "distil-logits",  # a label written into the saved config
@@ -86,6 +89,15 @@ config = {
     "models": {
         "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; shares the student's tokenizer unless cross_tokenizer
         "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder
+    },
+    "teacher_server": {  # the teacher served by vLLM (scripts/serve_teacher.sh; docs/served-teacher.md)
+        "url": None,  # None: the teacher loads in this process | e.g. http://127.0.0.1:8000: its top-k from that server
+        "model": None,  # served model name; None: the server's only model
+        "top_k": 64,  # log-probabilities asked per position; KD over them plus one bucket for the rest (<= --max-logprobs)
+        "api_key_env": None,  # name of the environment variable holding the server's --api-key (never the key itself)
+        "timeout_s": 120,  # longest silence of the server while connecting or answering before a retry
+        "max_retries": 5,  # retries of a failed request (backoff 0.5 s, doubling) before the run stops with one line
+        "prefetch": 2,  # micro-batches of the step requested ahead of the one the student trains on (0: each when reached)
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row; longer rows are truncated, rows are never padded to this length
@@ -191,6 +203,7 @@ def check_distillation(config: dict) -> None:
     if not isinstance(offline["top_k"], int) or offline["top_k"] < 1:
         raise ConfigError(f"offline.top_k must be a positive integer, got {offline['top_k']!r}.")
     check_on_policy(config["on_policy"], config)
+    check_teacher_server(config)
 
 
 def validate(config: dict) -> None:
@@ -323,8 +336,9 @@ def main(config: dict) -> LogitsTrainer:
         if eval_dataset is not None:
             eval_dataset = eval_dataset.map(with_row_index, with_indices=True, batched=True, desc="Numbering rows")
         collator = CaptureRowCollator(tokenizer.pad_token_id)
+    served = use_teacher and config["teacher_server"]["url"] is not None  # models.teacher: its tokenizer only
     before = peak_memory_mib()
-    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher else None
+    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if use_teacher and not served else None
     if teacher is not None:
         print_memory_report("teacher loaded", before)
     student = load_causal_lm(config["models"]["student"], config)
@@ -342,6 +356,10 @@ def main(config: dict) -> LogitsTrainer:
         collator = PairedCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
     elif teacher is not None:
         teacher_signal = InProcessTeacher(teacher)
+    elif served:  # the server's vocabulary is checked against vocab_size at start-up (served_teacher.check_vocabulary)
+        client, checks = served_teacher_from_config(config, tokenizer)
+        teacher_signal = ServedTopK(client, vocab_size, distillation["temperature"], config["teacher_server"]["prefetch"],
+                                    checks)
     if sampler is not None:
         collator = PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
 

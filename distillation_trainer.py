@@ -230,6 +230,8 @@ class DistillationTrainer(SFTTrainer):
         logs.update(self.loss_log.pop_means("train" if self.model.training else "eval"))
         if self.model.training:
             logs.update(self.speed.pop())
+            if self.teacher_signal is not None:
+                logs.update(self.teacher_signal.pop_logs())
         super().log(logs, start_time)
 
     # The NaN/inf stop runs at logging steps (common.LossPartLog); an evaluation or a save between two of them checks

@@ -1,6 +1,7 @@
 """Offline distillation: the teacher's top-k next-token distribution at every counted position, captured once
 (`offline.mode: capture` in distil_logits.py), stored compactly, and read back per batch when training from it
-(`offline.mode: train`, the teacher never loaded).
+(`offline.mode: train`, the teacher never loaded). With `teacher_server.url` set, the capture asks a vLLM server
+(served_teacher.py) instead of loading the teacher: the same shards and manifest.
 
 On disk: parquet shards of fixed-size `TopKCodec` records plus manifest.json, which records what the capture depends
 on (tokenizer, template, data fingerprint, k, temperature) so that training from a mismatched capture is refused.
@@ -31,6 +32,7 @@ from heads import (
     teacher_hidden_at_counted_positions,
 )
 from losses import topk_distribution
+from served_teacher import ServedTeacher, counted_topk, rows_to_send, run_startup_checks, served_teacher_from_config
 
 CAPTURE_FORMAT_VERSION = 1
 
@@ -399,9 +401,12 @@ def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, 
             json.dump({**expected, "complete": False}, handle, indent=2)
     state.wait_for_everyone()
 
-    first_row = next(iter(splits.values()))[0]["input_ids"][:16]
-    check_head_matches_forward(teacher.model, teacher.bare, torch.tensor([first_row], device=teacher.input_device),
-                               "teacher")
+    served = isinstance(teacher, ServedTeacher)
+    if not served:  # a served teacher's answers were checked by run_startup_checks
+        first_row = next(iter(splits.values()))[0]["input_ids"][:16]
+        check_head_matches_forward(teacher.model, teacher.bare, torch.tensor([first_row], device=teacher.input_device),
+                                   "teacher")
+    capture_rows = _served_capture_rows if served else _capture_rows
     todo = {}
     for split, dataset in splits.items():
         done = capture.rows_written(split)
@@ -415,7 +420,7 @@ def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, 
     for split, dataset in splits.items():
         todo_rows = todo[split]
         batches = -(-len(todo_rows) // size)
-        if teacher.sharded:  # every process runs the slowest one's number of forwards (each is a collective)
+        if not served and teacher.sharded:  # every process runs the slowest one's number of forwards (each is a collective)
             count = torch.tensor(batches, device=state.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
             batches = int(count)
@@ -423,7 +428,7 @@ def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, 
         for first in range(0, batches * size, size):
             rows = todo_rows[first : first + size]
             examples = [dataset[row] for row in rows] or [next(iter(splits.values()))[0]]  # a padding batch
-            records = _capture_rows(teacher, examples, tokenizer.pad_token_id, codec, config, vocab_size)
+            records = capture_rows(teacher, examples, tokenizer.pad_token_id, codec, config, vocab_size)
             if not rows:
                 continue
             shard_rows += rows
@@ -446,9 +451,8 @@ def run_capture(config: dict, teacher: CaptureTeacher, tokenizer, splits: dict, 
     return manifest
 
 
-def _capture_rows(teacher: CaptureTeacher, examples: list[dict], pad_id: int, codec: TopKCodec, config: dict,
-                  vocab_size: int) -> list[bytes]:
-    """The encoded top-k records of a batch of tokenized rows, one bytes object per row (its counted positions)."""
+def _padded(examples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and attention_mask of tokenized rows, right-padded to the longest."""
     length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
@@ -458,6 +462,30 @@ def _capture_rows(teacher: CaptureTeacher, examples: list[dict], pad_id: int, co
         input_ids[index, :size] = torch.tensor(example["input_ids"])
         labels[index, :size] = torch.tensor(example["labels"])
         attention_mask[index, :size] = 1
+    return input_ids, labels, attention_mask
+
+
+def _records_per_row(encoded: list, codec: TopKCodec, examples: list[dict]) -> list[bytes]:
+    records = np.concatenate(encoded) if encoded else np.zeros((0, codec.record_bytes), np.uint8)
+    counts = [counted_positions(example["labels"]) for example in examples]
+    return [piece.tobytes() for piece in np.split(records, np.cumsum(counts)[:-1])]
+
+
+def _served_capture_rows(teacher: ServedTeacher, examples: list[dict], pad_id: int, codec: TopKCodec, config: dict,
+                         vocab_size: int) -> list[bytes]:
+    """`_capture_rows` from a vLLM server (teacher_server.url): the rows are sent without their padding, and the answer
+    at the counted positions is put in the capture's form at T = 1 (served_teacher.counted_topk)."""
+    input_ids, labels, attention_mask = _padded(examples, pad_id)
+    answers = teacher.top_k_rows(rows_to_send(input_ids, attention_mask))
+    ids, log_probs, _ = counted_topk(answers, labels, config["offline"]["top_k"], config["distillation"]["temperature"],
+                                     vocab_size)
+    return _records_per_row([codec.encode(ids.numpy(), log_probs.numpy())], codec, examples)
+
+
+def _capture_rows(teacher: CaptureTeacher, examples: list[dict], pad_id: int, codec: TopKCodec, config: dict,
+                  vocab_size: int) -> list[bytes]:
+    """The encoded top-k records of a batch of tokenized rows, one bytes object per row (its counted positions)."""
+    input_ids, labels, attention_mask = _padded(examples, pad_id)
     device = teacher.input_device
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     hidden = teacher_hidden_at_counted_positions(teacher.model, inputs, labels, final_layer(teacher.bare))
@@ -473,9 +501,7 @@ def _capture_rows(teacher: CaptureTeacher, examples: list[dict], pad_id: int, co
             ids, log_probs, _ = topk_distribution(logits, config["offline"]["top_k"],
                                                   config["distillation"]["temperature"], vocab_size)
             encoded.append(codec.encode(ids.cpu().numpy(), log_probs.cpu().numpy()))
-    records = np.concatenate(encoded) if encoded else np.zeros((0, codec.record_bytes), np.uint8)
-    counts = [counted_positions(example["labels"]) for example in examples]
-    return [piece.tobytes() for piece in np.split(records, np.cumsum(counts)[:-1])]
+    return _records_per_row(encoded, codec, examples)
 
 
 def _complete_manifest(capture: TopKCapture, codec: TopKCodec, splits: dict, manifest: dict,
@@ -531,6 +557,10 @@ def capture_teacher(config: dict, tokenizer, vocab_size: int) -> dict:
     splits = {"train": train} if evaluation is None else {"train": train, "eval": evaluation}
     if len(tokenizer) > vocab_size:  # the student's tokenizer has tokens the teacher's lacks
         check_ids_below(splits, vocab_size, tokenizer)
+    if config["teacher_server"]["url"] is not None:  # the teacher's weights are never loaded here
+        teacher, checks = served_teacher_from_config(config, tokenizer)
+        run_startup_checks(teacher, vocab_size, **checks)
+        return run_capture(config, teacher, tokenizer, splits, vocab_size)
     state = CaptureProcesses(PartialState())  # before loading: zero.Init needs the process group
     before = peak_memory_mib()
     teacher = load_capture_teacher(config, state)

