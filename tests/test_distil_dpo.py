@@ -361,3 +361,40 @@ def test_text_data_and_rows_without_a_prompt_are_refused(tmp_path):
         preference_data.data_shape(["prompt", "chosen"])
     assert preference_data.data_shape(["prompt", "chosen", "rejected"]) == "preference"
     assert preference_data.data_shape(["conversations"]) == "prompts"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo_kd", "distillm2"])
+def test_ddp_two_processes_match_one(assets, preference_files, tmp_path, method):
+    """2 processes x 2 pairs x 2 accumulated = 1 process x 2 pairs x 4 accumulated: the same 8 pairs per step, the
+    same SGD updates (plain SGD without clipping, so a wrong normaliser shows as a scale error)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(name, accumulation, launch_args):
+        config = dpo_config(assets, str(tmp_path / name), preference_files["standard"], method, alpha=0.5)
+        config["training"].update(max_steps=1, gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
+                                  weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
+                   os.path.join(ROOT, "distil_dpo.py"), "--config", str(path)]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return load_file(os.path.join(tmp_path / name, "model.safetensors")), result.stdout + result.stderr
+
+    single, _ = run("single", 4, ["--num_processes", "1"])
+    double, log = run("ddp", 2, ["--multi_gpu", "--num_processes", "2"])
+    assert "training on 2 process(es)" in log
+    start = load_file(os.path.join(assets["student"], "model.safetensors"))
+    assert any(not torch.equal(start[name], single[name]) for name in start)
+    for name, value in single.items():
+        torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-6)
