@@ -17,12 +17,12 @@ student's, with the `pairs` settings, written to output_dir/pairs.jsonl and reus
 The loss, per optimizer step (preference_loss.py has the reference formulas; the computation runs on hidden states
 and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen and rejected answers, x its prompt:
 
-  distillm2 (DistiLLM-2, Ko et al., ICML 2025; the released distillm_trainer.py, get_batch_logps and kd_loss):
+  distillm2 (DistiLLM-2, Ko et al., ICML 2025; code jongwooko/distillm-2, src/distillm_trainer.py):
     loss = (2 - m) * T^2 / N_c * sum_{i in c} KL(p_i || a1 p_i + (1 - a1) q_i)
               +  m * T^2 / N_r * sum_{i in r} KL(q_i || a2 q_i + (1 - a2) p_i)
     p the teacher's, q the student's next-token distribution (softmax(logits[:V] / T)); a1, a2 the skew coefficients
-    (preference.skew_chosen, skew_rejected; the paper's 0.1); m = 1, or with preference.gradual_mix the paper's
-    curriculum m = 1 + 0.5 * min(1, 2 * step / max_steps), which shifts weight to the rejected (student) term.
+    (preference.skew_chosen, skew_rejected; DistiLLM-2's 0.1); m = 1, or with preference.gradual_mix DistiLLM-2's
+    gradual_beta schedule m = 1 + 0.5 * min(1, 2 * step / max_steps), which shifts weight to the rejected term.
   dpo_kd:
     loss = 1 / P * sum_pairs -log sigmoid(beta * ((log pi(c|x) - log ref(c|x)) - (log pi(r|x) - log ref(r|x))))
            + alpha * T^2 / N_c * sum_{i in c} D(p_i, q_i)
@@ -33,10 +33,16 @@ and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen a
 - N_c, N_r: the counted (answer) tokens of the chosen and rejected rows, P the pairs, all in the whole optimizer step
   (accumulated micro-batches, all processes), so that 2 x 2 accumulated pairs train exactly as a batch of 4.
 - V is the tokenizer's real vocabulary: padded head rows are never compared.
+- Sources: the two KL terms follow distillm_trainer.py's get_batch_logps (lines 1143-1460 as quoted in a public
+  walkthrough of the repository: tea_pos_kl, ref_pos_kl and the clipped adaptive alpha; the mirror lyx0727/distillm-2
+  has no copy of that file in the stored index). The mixing (2 - m) / m and the schedule of m are as two independent
+  re-implementations of its kd_loss write them; its kd_loss itself was not available to read, so check them against
+  the original before relying on gradual_mix.
 - Against DistiLLM-2's code, three differences, each said here: its terms are averaged per answer and then per pair,
   here per token over the step (as every loss of this repository); its skew reverse KL stops the gradient through the
-  student inside the mixture, losses.skew_reverse_kl does not; and its per-pair adaptive skew (update_alpha, off in
-  its released configs) is not implemented: one a1 and one a2 for the run.
+  student inside the mixture, losses.skew_reverse_kl does not; and its curriculum on the skew coefficient, a per-pair
+  a1, a2 clipped from the pair's probability gap against an anchor (update_alpha), is not implemented: one a1 and
+  one a2 for the run (docs/preference.md says why).
 
 Why an SFTTrainer subclass (DistillationTrainer) and not TRL's DPOTrainer: the teacher's placement (ZeRO-3 included),
 its head check, KD computed inside the student's forward by the chunked kernel, the per-part log and the model card

@@ -352,6 +352,20 @@ def test_bad_input_stops_before_writing(assets, preference_files, tmp_path, chan
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_reports_a_bad_method_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    overrides = tmp_path / "override.yaml"
+    overrides.write_text("preference:\n  method: dpo\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "distil_dpo.py"), "--config", str(overrides)],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown preference.method 'dpo'; choose one of distillm2, dpo_kd."
+
+
 def test_text_data_and_rows_without_a_prompt_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="a text dataset has no prompts"):
         preference_data.data_shape(["text"])
