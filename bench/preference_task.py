@@ -130,8 +130,15 @@ def main() -> None:
                           "accuracy": accuracy, "cross_entropy": cross_entropy, "seconds": seconds.get(label)}
         lines.append(f"| {label} | {numbers[label]['chosen']:.2f} | {numbers[label]['rejected']:.2f} | "
                      f"{'-' if label == 'SFT start' else f'{accuracy:.2f}'} | {cross_entropy:.4f} |")
+    report = {"args": vars(args), "held_out_pairs": len(held_out), "results": numbers}
     print("\n".join(lines))
-    print(json.dumps({"args": vars(args), "held_out_pairs": len(held_out), "results": numbers}, indent=2))
+    print(json.dumps(report, indent=2))
+    output = os.path.join(HERE, "output")
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "preference_task.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with open(os.path.join(output, "preference_task.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
 
 
 if __name__ == "__main__":
