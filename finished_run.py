@@ -103,7 +103,9 @@ def cast_saved_weights(folder: str, dtype: torch.dtype | None) -> None:
 
 
 def distillation_uses_teacher(config: dict) -> bool:
-    """False for plain SFT (alpha = 0, and no logit term in distil_hidden.py)."""
+    """False for plain SFT (alpha = 0, and no logit term in distil_hidden.py) and plain DPO (distil_dpo.py)."""
+    if "preference" in config:
+        return config["preference"]["method"] == "distillm2" or config["preference"]["alpha"] > 0
     return config["distillation"]["alpha"] > 0 or bool(config["distillation"].get("kd_weight"))
 
 
@@ -112,6 +114,8 @@ def describe_method(config: dict) -> str:
     distillation = config["distillation"]
     kd = (f"{distillation['divergence']} at temperature {distillation['temperature']} (times T^2)"
           if "divergence" in distillation else "")
+    if "preference" in config:  # distil_dpo.py
+        return describe_preference(config["preference"], kd, config["distillation"]["temperature"])
     if not distillation_uses_teacher(config):
         return "supervised fine-tuning (alpha = 0: cross-entropy only, no teacher)"
     if "layer_map" in distillation:  # distil_hidden.py
@@ -129,6 +133,18 @@ def describe_method(config: dict) -> str:
     cross = distillation.get("cross_tokenizer")
     across = f", across tokenizers ({cross}: aligned by character offset)" if cross else ""
     return f"logit distillation: loss = {alpha} * KD + {1 - alpha:g} * CE, KD = {kd}{across}{source}{sampled}"
+
+
+def describe_preference(preference: dict, kd: str, temperature: float) -> str:
+    """distil_dpo.py's method and settings in one sentence."""
+    if preference["method"] == "distillm2":
+        mix = "rising from 1 to 1.5 over the first half of training" if preference["gradual_mix"] else "1"
+        return (f"preference distillation, DistiLLM-2: loss = (2 - m) * skew forward KL (skew {preference['skew_chosen']}) "
+                f"on the teacher's answers + m * skew reverse KL (skew {preference['skew_rejected']}) on the student's, "
+                f"m {mix}, temperature {temperature}")
+    teacher = f" + {preference['alpha']} * KD on the chosen answers, KD = {kd}" if preference["alpha"] > 0 else ""
+    return (f"preference distillation, dpo_kd: loss = DPO sigmoid loss (beta {preference['beta']}, reference: the "
+            f"starting student){teacher}")
 
 
 def model_card(config: dict, log_history: list[dict] = ()) -> str:
@@ -160,7 +176,8 @@ def model_card(config: dict, log_history: list[dict] = ()) -> str:
         last.update({key: value for key, value in entry.items() if key.endswith("loss") and isinstance(value, (int, float))})
     if last:
         lines.append("- Last logged losses: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(last.items())))
-    script = "distil_hidden.py" if "layer_map" in config["distillation"] else "distil_logits.py"
+    script = ("distil_dpo.py" if "preference" in config else
+              "distil_hidden.py" if "layer_map" in config["distillation"] else "distil_logits.py")
     lines += ["", f"Made with {script} (project `{config.get('project_name')}`). To run it again, set another "
               f"training.output_dir in `distillation_config.json` and run `python {script} --config "
               "distillation_config.json`. The student loads with `AutoModelForCausalLM.from_pretrained` on this folder. "

@@ -1,4 +1,4 @@
-"""Generate docs/config.md, the config key tables of distil_logits.py and distil_hidden.py, from each script's own
+"""Generate docs/config.md, the config key tables of distil_logits.py, distil_hidden.py and distil_dpo.py, from each script's own
 `config` dict: the key path, the default as written in the source, and the key's trailing comment as its meaning.
 
     python scripts/config_table.py > docs/config.md     # or: python scripts/config_table.py --write
@@ -17,7 +17,7 @@ import sys
 import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("distil_logits.py", "distil_hidden.py")
+SCRIPTS = ("distil_logits.py", "distil_hidden.py", "distil_dpo.py")
 OUTPUT = os.path.join("docs", "config.md")
 COMMAND = "python scripts/config_table.py > docs/config.md"
 LONG_STRING = 60  # longer string defaults (an inline Jinja template, say) are shown cut, with an ellipsis
@@ -53,6 +53,8 @@ SECTION_INTRO = {
     "distil_hidden.py": "Hidden-state distillation (`distil_hidden.py`): the student's intermediate states are "
                         "matched to the teacher's, across architectures and tokenizers; see "
                         "[hidden-states.md](hidden-states.md).",
+    "distil_dpo.py": "Preference distillation (`distil_dpo.py`): pairs of a chosen and a rejected answer, trained with "
+                     "DistiLLM-2's contrastive loss or DPO plus a teacher term; see [preference.md](preference.md).",
 }
 
 

@@ -58,7 +58,7 @@ def test_config_doc_is_what_the_generator_writes():
         "`python scripts/config_table.py > docs/config.md` (or `python scripts/config_table.py --write`)")
 
 
-@pytest.mark.parametrize("script", ["distil_logits", "distil_hidden"])
+@pytest.mark.parametrize("script", ["distil_logits", "distil_hidden", "distil_dpo"])
 def test_config_table_lists_every_key_of_the_script(script):
     module = __import__(script)
 
