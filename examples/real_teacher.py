@@ -175,7 +175,7 @@ def convert_teacher(path: str) -> None:
     gguf_tokenizer.save_pretrained(path)
     # The trap: AutoTokenizer may rebuild a saved tokenizer around another pre-tokenizer and silently change ids.
     saved = AutoTokenizer.from_pretrained(path)
-    for text in ROUND_TRIP_TEXTS:
+    for text in ROUND_TRIP_TEXTS + train_prompts() + eval_prompts():
         if saved(text)["input_ids"] != gguf_tokenizer(text)["input_ids"]:
             raise RuntimeError(f"the saved tokenizer in {path} gives other ids than the GGUF one for {text!r}")
 
