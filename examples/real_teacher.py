@@ -254,6 +254,7 @@ def conversation(prompt: str, answer: str = "") -> list[dict]:
 
 
 def write_rows(answers: dict[str, str], path: str) -> None:
+    """Write each prompt and the teacher's answer as a ShareGPT row (system, human, gpt) to a JSONL file."""
     with open(path, "w", encoding="utf-8") as file:
         for prompt, answer in answers.items():
             turns = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
@@ -336,6 +337,7 @@ def heldout_nats(model_dir: str, eval_path: str) -> tuple[float, int]:
 
 
 def train_loss_curve(trainer) -> list[float]:
+    """The logged training losses of a finished run, in order."""
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
@@ -357,8 +359,11 @@ def short_run(paths: dict) -> None:
     losses = train_loss_curve(trainer)
     print(f"short run: training loss {losses}, largest weight change {changed:.2e}, held-out CE "
           f"{before_nats / tokens:.4f} -> {after_nats / tokens:.4f}")
-    assert changed > 0, "the student's saved weights equal its initial weights: nothing trained"
-    assert after_nats < before_nats, "held-out CE did not fall after the short KD run"
+    # SystemExit rather than assert, which python -O would skip.
+    if not changed > 0:
+        raise SystemExit("short run failed: the student's saved weights equal its initial weights, nothing trained")
+    if not after_nats < before_nats:
+        raise SystemExit("short run failed: held-out CE did not fall after the short KD run")
     print("short run: OK (trains, saves, loads back)")
 
 
