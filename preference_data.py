@@ -179,7 +179,8 @@ def build_pairs(path: str, settings: dict, prompts: list[list[dict]], tokenizer,
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
         new_tokens = max(1, min(sampling["max_new_tokens"], max_length - width))
         seed = batch_seed(sampling["seed"], start // size)
-        answers = [sample_completions(model, input_ids, mask, sampling, stop_ids, pad, vocab_size, seed, new_tokens)
+        draw = {"sampling_temperature": sampling["temperature"], "top_p": sampling["top_p"]}  # on_policy's key names
+        answers = [sample_completions(model, input_ids, mask, draw, stop_ids, pad, vocab_size, seed, new_tokens)
                    for model in (teacher, student)]
         with open(path, "a", encoding="utf-8") as handle:
             for messages, chosen, rejected in zip(batch, *answers):
