@@ -18,11 +18,18 @@ The loss, per optimizer step (preference_loss.py has the reference formulas; the
 and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen and rejected answers, x its prompt:
 
   distillm2 (DistiLLM-2, Ko et al., ICML 2025; code jongwooko/distillm-2, src/distillm_trainer.py):
-    loss = (2 - m) * T^2 / N_c * sum_{i in c} KL(p_i || a1 p_i + (1 - a1) q_i)
-              +  m * T^2 / N_r * sum_{i in r} KL(q_i || a2 q_i + (1 - a2) p_i)
-    p the teacher's, q the student's next-token distribution (softmax(logits[:V] / T)); a1, a2 the skew coefficients
-    (preference.skew_chosen, skew_rejected; DistiLLM-2's 0.1); m = 1, or with preference.gradual_mix DistiLLM-2's
-    gradual_beta schedule m = 1 + 0.5 * min(1, 2 * step / max_steps), which shifts weight to the rejected term.
+    loss = (2 - m) * T^2 / N_c * sum_{i in c} KL(p_i || a1(c) p_i + (1 - a1(c)) q_i)
+              +  m * T^2 / N_r * sum_{i in r} KL(q_i || a2(r) q_i + (1 - a2(r)) p_i)
+    p the teacher's, q the student's next-token distribution (softmax(logits[:V] / T)). m = 1, or with
+    preference.gradual_mix DistiLLM-2's gradual_beta schedule m = 1 + 0.5 * min(1, 2 * step / max_steps), which
+    shifts weight to the rejected term. The skews: a1 = preference.skew_chosen and a2 = skew_rejected (DistiLLM-2's
+    0.1) for every answer, or with preference.adaptive_skew DistiLLM-2's curriculum, one skew per answer y:
+      g(c) = P(c) - Q(c),  g(r) = Q(r) - P(r),  P(y) = exp(mean_{i in y} log p_i(y_i)), Q(y) likewise for q
+      a1(c) = clip(1 - (1 - a1) * G_c / (g(c) + 1e-5), 0.01, a1),  a2(r) = clip(1 - (1 - a2) * G_r / (g(r) + 1e-5), 0.01, a2)
+    (log-probabilities of the answer's own tokens, whole head, T = 1; no gradient flows through a skew). G_c, G_r,
+    the anchors, are the mean gaps g over the pairs of the run's first optimizer step, which trains with a1, a2;
+    they are kept for the rest of the run (and in each checkpoint). An answer whose gap is at least the anchor keeps
+    the base skew; one on which teacher and student are closer gets a smaller skew, down to 0.01.
   dpo_kd:
     loss = 1 / P * sum_pairs -log sigmoid(beta * ((log pi(c|x) - log ref(c|x)) - (log pi(r|x) - log ref(r|x))))
            + alpha * T^2 / N_c * sum_{i in c} D(p_i, q_i)
@@ -33,16 +40,15 @@ and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen a
 - N_c, N_r: the counted (answer) tokens of the chosen and rejected rows, P the pairs, all in the whole optimizer step
   (accumulated micro-batches, all processes), so that 2 x 2 accumulated pairs train exactly as a batch of 4.
 - V is the tokenizer's real vocabulary: padded head rows are never compared.
-- Sources: the two KL terms follow distillm_trainer.py's get_batch_logps (lines 1143-1460 as quoted in a public
-  walkthrough of the repository: tea_pos_kl, ref_pos_kl and the clipped adaptive alpha; the mirror lyx0727/distillm-2
-  has no copy of that file in the stored index). The mixing (2 - m) / m and the schedule of m are as two independent
-  re-implementations of its kd_loss write them; its kd_loss itself was not available to read, so check them against
-  the original before relying on gradual_mix.
-- Against DistiLLM-2's code, three differences, each said here: its terms are averaged per answer and then per pair,
-  here per token over the step (as every loss of this repository); its skew reverse KL stops the gradient through the
-  student inside the mixture, losses.skew_reverse_kl does not; and its curriculum on the skew coefficient, a per-pair
-  a1, a2 clipped from the pair's probability gap against an anchor (update_alpha), is not implemented: one a1 and
-  one a2 for the run (docs/preference.md says why).
+- Sources: the two KL terms and the adaptive skew follow distillm_trainer.py's get_batch_logps (tea_pos_kl, ref_pos_kl
+  and alpha_1, alpha_2, as quoted from the released file in public walkthroughs; the mirror lyx0727/distillm-2 has no
+  copy of the trainer), the mixing (2 - m) / m and its schedule its kd_loss as re-implementations write it.
+- Against DistiLLM-2's code, four differences, each said here (docs/preference.md has more): its terms are averaged
+  per answer and then per pair, here per token over the step (as every loss of this repository); its skew reverse
+  KL stops the gradient through the student inside the mixture, losses.skew_reverse_kl does not; its skew is
+  computed with gradients through the student's gap, here it is a coefficient; its anchor is the mean gap logged
+  over the first logging window (and, as released, the curriculum is off: update_alpha and gradual_beta are False),
+  here the first optimizer step's, with the curriculum and the schedule on by default, as the paper trains.
 
 Why an SFTTrainer subclass (DistillationTrainer) and not TRL's DPOTrainer: the teacher's placement (ZeRO-3 included),
 its head check, KD computed inside the student's forward by the chunked kernel, the per-part log and the model card
@@ -54,6 +60,7 @@ beyond that is small: the collator (preference_data.PairCollator), the stored re
 """
 
 import functools
+import json
 import os
 
 import torch
@@ -113,7 +120,8 @@ config = {
         "method": "distillm2",  # distillm2 (DistiLLM-2's contrastive KL) | dpo_kd (DPO + alpha * KD on chosen)
         "skew_chosen": 0.1,  # distillm2: a1, the teacher's weight in the chosen term's mixture, in (0, 1)
         "skew_rejected": 0.1,  # distillm2: a2, the student's weight in the rejected term's mixture, in (0, 1)
-        "gradual_mix": False,  # distillm2: weight of the rejected term rises from 1 to 1.5 over the first half of training
+        "gradual_mix": True,  # distillm2: weight of the rejected term rises from 1 to 1.5 over the first half of training
+        "adaptive_skew": True,  # distillm2: DistiLLM-2's curriculum, one skew per answer from its probability gap (docstring)
         "beta": 0.1,  # dpo_kd: DPO's beta (> 0); larger keeps the student closer to its start
         "alpha": 1.0,  # dpo_kd: weight of the teacher term (>= 0; 0 is plain DPO, no teacher loaded)
     },
@@ -157,6 +165,7 @@ config = {
 }
 
 CONFIG_KEYS = config_keys(config)
+SKEW_ANCHOR_FILE = "skew_anchor.json"  # in each checkpoint: distillm2's measured anchors, read back on resume
 
 
 def check_preference(config: dict) -> None:
@@ -202,6 +211,38 @@ class PreferenceTrainer(DistillationTrainer):
     def __init__(self, *args, preference: dict, **kwargs):
         super().__init__(*args, **kwargs)
         self.preference, self.step_counts = preference, None
+        # distillm2's adaptive skew: (chosen, rejected) anchors, measured on the run's first optimizer step, summed in
+        # anchor_sums (chosen gaps, rejected gaps, pairs) until the step ends.
+        self.skew_anchor, self.anchor_sums = None, None
+
+    def measure_skew_anchor(self) -> None:
+        """End the anchor's measurement (on every process at once): the mean gaps of the first step's pairs."""
+        if self.anchor_sums is None or self.skew_anchor is not None:
+            return
+        sums = self.anchor_sums
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        pairs = max(float(sums[2]), 1.0)
+        self.skew_anchor, self.anchor_sums = (float(sums[0]) / pairs, float(sums[1]) / pairs), None
+        print_rank0(f"distillm2 adaptive skew: anchors (mean probability gap on the first step's pairs) "
+                    f"{self.skew_anchor[0]:.4f} on the chosen answers, {self.skew_anchor[1]:.4f} on the rejected")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.measure_skew_anchor()
+        super()._save_checkpoint(model, trial)
+        if self.skew_anchor is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, SKEW_ANCHOR_FILE), "w") as handle:
+                json.dump({"skew_anchor": self.skew_anchor}, handle)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, SKEW_ANCHOR_FILE)
+        if os.path.isfile(path):  # else the resumed run measures it again, on its first step
+            with open(path) as handle:
+                self.skew_anchor = tuple(json.load(handle)["skew_anchor"])
 
     def pair_counts(self, batches: list[dict], device, all_processes: bool) -> torch.Tensor:
         """(chosen tokens, rejected tokens, pairs) of these micro-batches, summed over the processes if asked."""
@@ -215,6 +256,7 @@ class PreferenceTrainer(DistillationTrainer):
         return counts
 
     def step_micro_batches(self, epoch_iterator, num_batches: int, device) -> tuple[list, object]:
+        self.measure_skew_anchor()  # the previous step was the anchor's
         batches, num_items_in_batch = super().step_micro_batches(epoch_iterator, num_batches, device)
         self.step_counts = self.pair_counts(batches, device, self.args.average_tokens_across_devices)
         return batches, num_items_in_batch
@@ -232,13 +274,20 @@ class PreferenceTrainer(DistillationTrainer):
             memory_budget_mb=distillation["loss_memory_mb"], beta=preference["beta"], alpha=preference["alpha"],
             divergence=distillation["divergence"], jsd_beta=distillation["beta"], skew=distillation["skew"],
             skew_chosen=preference["skew_chosen"], skew_rejected=preference["skew_rejected"],
-            mix=distillm2_mix(self.state.global_step, self.state.max_steps, preference["gradual_mix"]))
+            mix=distillm2_mix(self.state.global_step, self.state.max_steps, preference["gradual_mix"]),
+            adaptive_skew=preference["method"] == "distillm2" and preference["adaptive_skew"], skew_anchor=self.skew_anchor)
         outputs = model(**model_inputs(inputs), student_loss=functools.partial(
             preference_student_loss, labels=inputs["labels"], teacher=self.teacher_answer(inputs, mode),
             reference_log_probs=inputs.get("student_reference_logps"), terms=terms))
         if preference["method"] == "distillm2":
             parts = dict(chosen_kl=(outputs["chosen_kl"], counts[0], local[0]),
                          rejected_kl=(outputs["rejected_kl"], counts[1], local[1]))
+            if terms.adaptive_skew:  # per pair: the gaps and the skews they gave
+                parts.update({name: (outputs[name], 1, local[2]) for name in
+                              ("gap/chosen", "gap/rejected", "skew/chosen", "skew/rejected")})
+                if mode == "train" and self.skew_anchor is None:
+                    sums = torch.stack([outputs["gap/chosen"], outputs["gap/rejected"], local[2].float()]).detach()
+                    self.anchor_sums = sums if self.anchor_sums is None else self.anchor_sums + sums
         else:
             pairs, policy = local[2], outputs["policy_log_probs"]
             parts = {"dpo_loss": (outputs["dpo_loss"], counts[2], pairs), "kd_loss": (outputs["kd_loss"], counts[0], local[0]),

@@ -139,9 +139,11 @@ def describe_preference(preference: dict, kd: str, temperature: float) -> str:
     """distil_dpo.py's method and settings in one sentence."""
     if preference["method"] == "distillm2":
         mix = "rising from 1 to 1.5 over the first half of training" if preference["gradual_mix"] else "1"
-        return (f"preference distillation, DistiLLM-2: loss = (2 - m) * skew forward KL (skew {preference['skew_chosen']}) "
-                f"on the teacher's answers + m * skew reverse KL (skew {preference['skew_rejected']}) on the student's, "
-                f"m {mix}, temperature {temperature}")
+        adaptive = preference.get("adaptive_skew")
+        skew = ("per answer, DistiLLM-2's adaptive skew clipped to [0.01, {}]" if adaptive else "skew {}").format
+        return (f"preference distillation, DistiLLM-2: loss = (2 - m) * skew forward KL ({skew(preference['skew_chosen'])}) "
+                f"on the teacher's answers + m * skew reverse KL ({skew(preference['skew_rejected'])}) on the "
+                f"student's, m {mix}, temperature {temperature}")
     teacher = f" + {preference['alpha']} * KD on the chosen answers, KD = {kd}" if preference["alpha"] > 0 else ""
     return (f"preference distillation, dpo_kd: loss = DPO sigmoid loss (beta {preference['beta']}, reference: the "
             f"starting student){teacher}")

@@ -31,8 +31,12 @@ TEACHER_NORMS = ("rms", "none")  # hidden_state_loss: what the teacher's states 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _mixture_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
+def _mixture_log_probs(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float | torch.Tensor) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space. `weight_p` is one number, or one per row
+    (a tensor of shape (N,): distil_dpo.py's per-pair skew)."""
+    if isinstance(weight_p, torch.Tensor):
+        weight = weight_p.to(log_p.dtype)[:, None]
+        return torch.logaddexp(log_p + weight.log(), log_q + torch.log1p(-weight))
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
@@ -54,6 +58,8 @@ def token_divergence(
     tvd             0.5 * sum_v |p_v - q_v|
     skew_forward_kl KL(p || skew * p + (1 - skew) * q)                                            (DistiLLM, skew in (0, 1))
     skew_reverse_kl KL(q || skew * q + (1 - skew) * p)
+
+    `skew` may be a tensor of shape (N,): one skew per row.
     """
     log_p, log_q = teacher_log_probs, student_log_probs
     if divergence == "forward_kl":
@@ -273,7 +279,7 @@ class LossSettings:
     temperature: float
     vocab_size: int
     beta: float
-    skew: float
+    skew: float | torch.Tensor  # or one per counted position (N,), sliced per block
     student_transform: tuple[float, float | None]
     teacher_transform: tuple[float, float | None]
     chunk_tokens: int
@@ -439,9 +445,12 @@ def _chunked_forward(ctx, student_hidden, student_weight, student_bias, teacher_
         for first in range(0, end - start, block):
             last = min(first + block, end - start)
             stored = None if not use_topk else tuple(x[start + first : start + last] for x in settings.stored_topk)
+            block_settings = settings
+            if isinstance(settings.skew, torch.Tensor):
+                block_settings = dataclasses.replace(settings, skew=settings.skew[start + first : start + last])
             ce_part, kd_part = _loss_on_block(
                 logits[first:last], targets[start + first : start + last],
-                teacher[first:last] if use_teacher else None, stored, settings, needs_grad, kd_scale)
+                teacher[first:last] if use_teacher else None, stored, block_settings, needs_grad, kd_scale)
             ce_sum -= ce_part
             kd_sum += kd_part
         if needs_grad:
@@ -489,7 +498,7 @@ def chunked_distillation_loss(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     beta: float = 0.5,
-    skew: float = 0.1,
+    skew: float | torch.Tensor = 0.1,
     student_transform: tuple[float, float | None] = (1.0, None),
     teacher_transform: tuple[float, float | None] = (1.0, None),
     memory_budget_mb: float = 512,
@@ -507,6 +516,8 @@ def chunked_distillation_loss(
     Offline distillation passes `stored_topk` = (ids (N, k), log-probabilities (N, k), tail mass (N,)) at temperature
     T instead of the teacher's hidden states and head: KD is then `topk_bucket_divergence`, the divergence over the
     k stored tokens plus one bucket for everything else.
+
+    `skew` (skew_forward_kl, skew_reverse_kl) may be one number or a tensor with one skew per counted position (N,).
     """
     student_weight, student_bias = full_head_tensors(student_head)
     teacher_weight, teacher_bias = full_head_tensors(teacher_head)

@@ -7,7 +7,8 @@ rejected ones, in the same order. Labels are -100 everywhere but on the response
 (data.next_token_mask) are exactly its response tokens.
 
 - `distillm2` (DistiLLM-2, Ko et al. 2025): (2 - mix) * skew forward KL on the chosen rows + mix * skew reverse KL
-  on the rejected rows, both through losses.chunked_distillation_loss.
+  on the rejected rows, both through losses.chunked_distillation_loss; with the adaptive skew (`adaptive_skew`), each
+  answer's skew comes from the teacher-student probability gap on it against an anchor.
 - `dpo_kd`: DPO's sigmoid loss on the responses' summed log-probabilities (through TRL's chunked log-prob kernel,
   `trl.kernels.ChunkedLogProbFunction`) + alpha * KD on the chosen rows (losses.chunked_distillation_loss).
 """
@@ -24,6 +25,7 @@ from data import next_token_mask
 from heads import full_head_tensors, gathered_head
 
 METHODS = ("distillm2", "dpo_kd")
+SKEW_FLOOR = 0.01  # DistiLLM-2's lower clip of the adaptive skew
 # Vocabulary columns per tile of TRL's log-prob kernel (its own default, trl.trainer.utils).
 LOG_PROB_TILE = 32768
 
@@ -59,18 +61,59 @@ def distillm2_mix(step: int, max_steps: int, gradual: bool) -> float:
     return 1.0 + 0.5 * min(1.0, 2.0 * step / max_steps)
 
 
+def probability_gap(teacher_mean_log_probs: torch.Tensor, student_mean_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per answer, exp(mean log p) - exp(mean log q): the teacher's minus the student's per-token geometric-mean
+    probability of the answer's tokens (DistiLLM-2's sentence-level gap)."""
+    return teacher_mean_log_probs.exp() - student_mean_log_probs.exp()
+
+
+def adaptive_skew(gap: torch.Tensor, anchor: float | None, base: float) -> torch.Tensor:
+    """DistiLLM-2's per-answer skew: clip(1 - (1 - base) * anchor / (gap + 1e-5), SKEW_FLOOR, base), detached; `base`
+    for every answer while no anchor is measured yet (None). An answer whose gap is at or above the anchor keeps the
+    base skew; a smaller gap (teacher and student closer on it) gets a smaller one, down to SKEW_FLOOR."""
+    gap = gap.detach().float()
+    if anchor is None:
+        return torch.full_like(gap, base)
+    return (1 - (1 - base) * anchor / (gap + 1e-5)).clamp(SKEW_FLOOR, base)
+
+
 def distillm2_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                         skew_chosen: float, skew_rejected: float, mix: float = 1.0, temperature: float = 1.0,
-                        vocab_size: int | None = None) -> dict:
+                        vocab_size: int | None = None, skew_anchor: tuple[float, float] | None = None) -> dict:
     """The distillm2 loss of one whole batch from full logits (rows as in the module docstring):
     chosen_kl = T^2 / N_c * sum skew_forward_kl, rejected_kl = T^2 / N_r * sum skew_reverse_kl,
-    loss = (2 - mix) * chosen_kl + mix * rejected_kl."""
+    loss = (2 - mix) * chosen_kl + mix * rejected_kl.
+
+    With `skew_anchor` (anchor of the chosen gaps, anchor of the rejected gaps), each answer has its own skew
+    (`adaptive_skew`) from its gap, taken on the models' whole-head log-probabilities at T = 1: the chosen answer's
+    gap is teacher minus student, the rejected answer's student minus teacher. Written as a loop over answers, each
+    with one scalar skew."""
     pairs = labels.shape[0] // 2
-    chosen_kl = losses.logit_distillation_loss(student_logits[:pairs], teacher_logits[:pairs], labels[:pairs],
-                                               "skew_forward_kl", temperature, vocab_size, skew=skew_chosen)
-    rejected_kl = losses.logit_distillation_loss(student_logits[pairs:], teacher_logits[pairs:], labels[pairs:],
-                                                 "skew_reverse_kl", temperature, vocab_size, skew=skew_rejected)
-    return {"loss": (2 - mix) * chosen_kl + mix * rejected_kl, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl}
+    if skew_anchor is None:
+        chosen_kl = losses.logit_distillation_loss(student_logits[:pairs], teacher_logits[:pairs], labels[:pairs],
+                                                   "skew_forward_kl", temperature, vocab_size, skew=skew_chosen)
+        rejected_kl = losses.logit_distillation_loss(student_logits[pairs:], teacher_logits[pairs:], labels[pairs:],
+                                                     "skew_reverse_kl", temperature, vocab_size, skew=skew_rejected)
+        return {"loss": (2 - mix) * chosen_kl + mix * rejected_kl, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl}
+    mask = next_token_mask(labels)
+    tokens = mask.sum(-1)
+    with torch.no_grad():
+        student_mean = sequence_log_probs(student_logits, labels) / tokens
+        teacher_mean = sequence_log_probs(teacher_logits, labels) / tokens
+    gaps = torch.cat([probability_gap(teacher_mean[:pairs], student_mean[:pairs]),
+                      probability_gap(student_mean[pairs:], teacher_mean[pairs:])])
+    skews = torch.cat([adaptive_skew(gaps[:pairs], skew_anchor[0], skew_chosen),
+                       adaptive_skew(gaps[pairs:], skew_anchor[1], skew_rejected)])
+    sums = []
+    for row in range(labels.shape[0]):
+        divergence = "skew_forward_kl" if row < pairs else "skew_reverse_kl"
+        sums.append(losses.logit_distillation_loss(student_logits[row:row + 1], teacher_logits[row:row + 1],
+                                                   labels[row:row + 1], divergence, temperature, vocab_size,
+                                                   num_items_in_batch=1, skew=float(skews[row])))
+    chosen_kl = torch.stack(sums[:pairs]).sum() / tokens[:pairs].sum()
+    rejected_kl = torch.stack(sums[pairs:]).sum() / tokens[pairs:].sum()
+    return {"loss": (2 - mix) * chosen_kl + mix * rejected_kl, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl,
+            "skews": skews, "gaps": gaps}
 
 
 def dpo_kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
@@ -120,6 +163,8 @@ class PreferenceTerms:
     skew_chosen: float = 0.1  # distillm2
     skew_rejected: float = 0.1  # distillm2
     mix: float = 1.0  # distillm2: weight of the rejected term (distillm2_mix)
+    adaptive_skew: bool = False  # distillm2: one skew per answer (adaptive_skew), from its gap and the anchor
+    skew_anchor: tuple[float, float] | None = None  # distillm2: (chosen, rejected) anchors; None: not measured yet
 
 
 def response_log_probs(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None],
@@ -133,6 +178,33 @@ def response_log_probs(hidden: torch.Tensor, head: torch.nn.Module, transform: t
     scale, softcap = transform
     return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, LOG_PROB_TILE, softcap, scale,
                                        ("log_probs",))[0]
+
+
+def answer_skews(counted: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None], teacher,
+                 targets: torch.Tensor, mask: torch.Tensor, terms: PreferenceTerms) -> tuple:
+    """The adaptive skews of one micro-batch, one per counted position (its answer's), for the chosen and the rejected
+    positions, and their sums per side for the log and the anchor: {"gap/chosen", "gap/rejected", "skew/chosen",
+    "skew/rejected"} (sums over this micro-batch's pairs). Both models' log-probabilities of the answer tokens come
+    from TRL's chunked kernel, without gradients (the skew is a coefficient, not a path for gradients)."""
+    pairs = mask.shape[0] // 2
+    rows = mask.nonzero()[:, 0]
+    tokens = mask.sum(-1).clamp(min=1)
+    with torch.no_grad():
+        def mean_log_probs(hidden, model_head, model_transform):
+            per_token = response_log_probs(hidden, model_head, model_transform, targets).float()
+            return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token) / tokens
+
+        student_mean = mean_log_probs(counted.detach(), head, transform)
+        teacher_mean = mean_log_probs(teacher.hidden, teacher.head, teacher.transform)
+    anchor = terms.skew_anchor or (None, None)
+    gap_chosen = probability_gap(teacher_mean[:pairs], student_mean[:pairs])
+    gap_rejected = probability_gap(student_mean[pairs:], teacher_mean[pairs:])
+    skew_chosen = adaptive_skew(gap_chosen, anchor[0], terms.skew_chosen)
+    skew_rejected = adaptive_skew(gap_rejected, anchor[1], terms.skew_rejected)
+    chosen_count = int(mask[:pairs].sum())
+    per_position = (skew_chosen[rows[:chosen_count]], skew_rejected[rows[chosen_count:] - pairs])
+    return (*per_position, {"gap/chosen": gap_chosen.sum(), "gap/rejected": gap_rejected.sum(),
+                            "skew/chosen": skew_chosen.sum(), "skew/rejected": skew_rejected.sum()})
 
 
 def preference_student_loss(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None], *,
@@ -154,15 +226,20 @@ def preference_student_loss(hidden: torch.Tensor, head: torch.nn.Module, transfo
                   memory_budget_mb=terms.memory_budget_mb, ce_weight=0.0, **teacher_kwargs)
     with gathered_head(head, None if teacher is None else teacher.head):
         if terms.method == "distillm2":
+            skew_chosen, skew_rejected, adaptive = terms.skew_chosen, terms.skew_rejected, {}
+            if terms.adaptive_skew:
+                skew_chosen, skew_rejected, adaptive = answer_skews(counted, head, transform, teacher, targets, mask,
+                                                                    terms)
             chosen_loss, chosen_kl, _ = losses.chunked_distillation_loss(
                 counted[:chosen_count], head, teacher.hidden[:chosen_count], targets=targets[:chosen_count],
                 kd_weight=2 - terms.mix, num_items_in_batch=terms.chosen_tokens, divergence="skew_forward_kl",
-                skew=terms.skew_chosen, **kernel)
+                skew=skew_chosen, **kernel)
             rejected_loss, rejected_kl, _ = losses.chunked_distillation_loss(
                 counted[chosen_count:], head, teacher.hidden[chosen_count:], targets=targets[chosen_count:],
                 kd_weight=terms.mix, num_items_in_batch=terms.rejected_tokens, divergence="skew_reverse_kl",
-                skew=terms.skew_rejected, **kernel)
-            return {"loss": chosen_loss + rejected_loss, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl}
+                skew=skew_rejected, **kernel)
+            return {"loss": chosen_loss + rejected_loss, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl,
+                    **adaptive}
         per_token = response_log_probs(counted, head, transform, targets)
         rows = mask.nonzero()[:, 0]
         policy = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token.float())

@@ -24,8 +24,8 @@ from common import ConfigError, load_tokenizer
 from data import CHATML_TEMPLATE
 from heads import add_hidden_states_forward, final_layer, head_transform, teacher_hidden_at_counted_positions
 from preference_data import PairCollator, build_pairs, pair_settings, read_pairs, tokenize_pair
-from preference_loss import (PreferenceTerms, distillm2_reference, dpo_kd_reference, preference_student_loss,
-                             sequence_log_probs)
+from preference_loss import (PreferenceTerms, adaptive_skew, distillm2_reference, dpo_kd_reference,
+                             preference_student_loss, sequence_log_probs)
 from teacher_signal import TeacherHidden, add_distillation_forward
 
 
@@ -138,6 +138,47 @@ def test_distillm2_equals_its_full_logits_formula(assets):
     assert_same_gradients(got_grads, want_grads)
 
 
+def test_adaptive_skew_is_distillm2s_clipped_formula():
+    gaps = torch.tensor([0.2, 0.1, -0.3, 0.24, 0.6])
+    # 1 - (1 - base) * anchor / (gap + 1e-5), clipped to [0.01, base], written out per answer.
+    want = [1 - 0.5 * 0.25 / (0.2 + 1e-5), 0.01, 0.5, 1 - 0.5 * 0.25 / (0.24 + 1e-5), 0.5]
+    torch.testing.assert_close(adaptive_skew(gaps, 0.25, 0.5), torch.tensor(want))
+    assert 0.01 < want[0] < 0.5 and 0.01 < want[3] < 0.5  # two answers between the clips
+    torch.testing.assert_close(adaptive_skew(gaps, None, 0.1), torch.full((5,), 0.1))  # no anchor yet: the base
+
+
+def test_distillm2_with_adaptive_skews_equals_its_per_answer_formula(assets):
+    """One skew per answer from its gap and the anchors: the kernel (per-position skew tensors, log-probabilities
+    through TRL's kernel) against a loop over answers with one scalar skew each, on full logits."""
+    batch, vocab = tiny_batch(assets), assets["vocab"]
+    chosen, rejected, pairs = counts(batch)
+    settings = dict(skew_chosen=0.4, skew_rejected=0.3, mix=1.25, temperature=2.0)
+    # Anchors at the gaps' means: some answers keep the base skew, the others get smaller ones.
+    probe, _ = full_logits_loss(assets, batch, lambda s, t: distillm2_reference(
+        s, t, batch["labels"], vocab_size=vocab, skew_anchor=(0.0, 0.0), **settings))
+    anchor = (float(probe["gaps"][:pairs].mean()), float(probe["gaps"][pairs:].mean()))
+    want, want_grads = full_logits_loss(assets, batch, lambda s, t: distillm2_reference(
+        s, t, batch["labels"], vocab_size=vocab, skew_anchor=anchor, **settings))
+    skews = want["skews"]
+    assert len(set(skews[:pairs].tolist())) > 1 and len(set(skews[pairs:].tolist())) > 1, skews
+    assert float(skews.min()) < 0.3 and float(skews[:pairs].max()) == pytest.approx(0.4)
+    terms = PreferenceTerms(method="distillm2", chosen_tokens=chosen, rejected_tokens=rejected, pairs=pairs,
+                            vocab_size=vocab, memory_budget_mb=1, adaptive_skew=True, skew_anchor=anchor, **settings)
+    got, got_grads = chunked_loss(assets, batch, terms)
+    # The tiny models' answer probabilities are ~1/vocab, so gaps and anchors are ~1e-4 and a float32 rounding of a
+    # gap moves its skew by ~1e-5 relative: the values are compared at 1e-4.
+    for key in ("loss", "chosen_kl", "rejected_kl"):
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4), key
+    assert float(got["skew/chosen"]) == pytest.approx(float(skews[:pairs].sum()), rel=1e-4)
+    assert float(got["skew/rejected"]) == pytest.approx(float(skews[pairs:].sum()), rel=1e-4)
+    assert float(got["gap/chosen"]) == pytest.approx(float(want["gaps"][:pairs].sum()), rel=1e-3)
+    assert_same_gradients(got_grads, want_grads)
+    # The per-answer skews change the loss: with the base skews everywhere it differs.
+    fixed, _ = full_logits_loss(assets, batch, lambda s, t: distillm2_reference(s, t, batch["labels"], vocab_size=vocab,
+                                                                                **settings))
+    assert abs(float(fixed["loss"]) - float(want["loss"])) > 1e-4
+
+
 def test_dpo_kd_equals_its_full_logits_formula_and_a_hand_written_dpo(assets):
     batch, vocab = tiny_batch(assets), assets["vocab"]
     chosen, rejected, pairs = counts(batch)
@@ -239,6 +280,32 @@ def test_dpo_kd_end_to_end_stores_the_reference_once_and_saves_a_student_that_lo
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit that is red."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert student.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def test_distillm2_measures_the_skew_anchor_on_the_first_step_and_keeps_it_in_checkpoints(assets, preference_files,
+                                                                                          tmp_path):
+    out = str(tmp_path / "out")
+    config = dpo_config(assets, out, preference_files["standard"], "distillm2", skew_chosen=0.5, skew_rejected=0.5)
+    config["training"].update(max_steps=3, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2)
+    trainer = distil_dpo.main(config)
+    logs = [log for log in trainer.state.log_history if "skew/chosen" in log]
+    assert len(logs) == 3
+    # Step 1 trains with the base skews and measures the anchors: its logged mean gaps (per pair, over the step).
+    assert logs[0]["skew/chosen"] == pytest.approx(0.5) and logs[0]["skew/rejected"] == pytest.approx(0.5)
+    assert trainer.skew_anchor == pytest.approx((logs[0]["gap/chosen"], logs[0]["gap/rejected"]), rel=1e-4)
+    assert any(log["skew/chosen"] < 0.5 - 1e-4 or log["skew/rejected"] < 0.5 - 1e-4 for log in logs[1:])
+    with open(os.path.join(out, "checkpoint-2", distil_dpo.SKEW_ANCHOR_FILE)) as handle:
+        assert tuple(json.load(handle)["skew_anchor"]) == pytest.approx(trainer.skew_anchor)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "adaptive skew clipped to [0.01, 0.5]" in card and "m rising from 1 to 1.5" in card
+
+    # A resume reads the anchors back rather than measuring them on its first step.
+    config["training"].update(resume_from_checkpoint=os.path.join(out, "checkpoint-2"), overwrite_output_dir=True)
+    resumed = distil_dpo.main(config)
+    assert resumed.skew_anchor == pytest.approx(trainer.skew_anchor)
+    last = [log for log in resumed.state.log_history if "skew/chosen" in log][-1]
+    assert last["skew/chosen"] == pytest.approx(logs[-1]["skew/chosen"], rel=1e-4)
 
 
 def test_plain_dpo_loads_no_teacher(assets, preference_files, tmp_path, monkeypatch):
