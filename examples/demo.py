@@ -5,6 +5,7 @@ With --full also offline, hidden-state, cross-tokenizer and on-policy distillati
     python examples/demo.py --full     # every row (~5.5 min with the cached teacher)
     python examples/demo.py --rebuild  # rebuild the cached data, tokenizer and teacher
     python examples/demo.py --on-policy-only   # the SFT student, then only on-policy vs off-policy (~2 min cached)
+    python examples/demo.py --preference-only  # the SFT student, then only the preference row (distil_dpo.py)
 
 What it does, all offline:
 1. Makes a ShareGPT dataset of questions whose answers are sampled from a fixed distribution per question
@@ -19,7 +20,9 @@ What it does, all offline:
    (trained on other rows, another vocabulary size), where hidden states are compared only at aligned character
    offsets, and that student with logit KD across tokenizers (uld and hybrid); continues the SFT student for a few
    steps with on-policy reverse KL (the student samples, the teacher scores) and as many with off-policy KD on the
-   dataset's answers, and measures both on the student's own samples.
+   dataset's answers, and measures both on the student's own samples; continues the SFT student for as many steps
+   with DistiLLM-2's contrastive loss (distil_dpo.py) on pairs it builds from the training prompts (the teacher's
+   sample chosen, the SFT student's rejected).
 5. Prints the held-out cross-entropy of the teacher, the untrained student and every trained student as a markdown
    table, and writes it to examples/output/demo_results.md (demo_results_full.md with --full), with the loss curves
    (demo_curves.png) and the numbers (demo_results.json). Cross-entropies of the tokenizer-B students are per
@@ -50,6 +53,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 import demo_data  # noqa: E402
+import distil_dpo  # noqa: E402
 import distil_hidden  # noqa: E402
 import distil_logits  # noqa: E402
 from data import tokenize_row  # noqa: E402
@@ -76,6 +80,11 @@ demo = {
     "on_policy": {"steps": 60, "batch": 32, "learning_rate": 1e-3, "max_new_tokens": 16, "eval_prompts": 200,
                   "distillation": {"alpha": 1.0, "divergence": "reverse_kl", "temperature": 1.0}},
 }
+# Preference distillation (distil_dpo.py, distillm2 at its defaults: adaptive skew, rising mix) from the SFT student:
+# pairs built from `prompts` training prompts (teacher sample chosen, SFT student sample rejected, max_new_tokens
+# each), then `steps` optimizer steps of `batch` pairs (bench/preference_task.py's settings). Outside `demo`, whose
+# every key is part of the cached build's identity.
+PREFERENCE = {"prompts": 256, "steps": 60, "batch": 8, "learning_rate": 1e-3, "max_new_tokens": 16}
 # Logit KD across tokenizers (distil_logits.py, distillation.cross_tokenizer) for the tokenizer-B student, at the
 # script's defaults (alpha 0.5, T 2, forward KL), evaluated once at the end to keep the demo short. Outside `demo`,
 # whose every key is part of the cached build's identity.
@@ -229,6 +238,32 @@ def on_policy_comparison(paths: dict, sft_dir: str) -> dict:
     return results
 
 
+def preference_row(paths: dict, sft_dir: str) -> tuple[str, float]:
+    """From the SFT student: PREFERENCE["steps"] steps of distillm2 (distil_dpo.py) on pairs built from the training
+    prompts. Returns the table row's name and its held-out CE."""
+    output_dir = os.path.join(OUTPUT, "distillm2")
+    config = copy.deepcopy(distil_dpo.config)
+    config["project_name"] = "demo-distillm2"
+    config["dataset"].update(name=paths["train"], num_samples=PREFERENCE["prompts"], eval_size=0, seed=1)
+    config["models"].update(teacher=paths["teacher"], student=sft_dir)
+    config["tokenizer"]["max_length"] = 128
+    config["model_config"]["use_flash_attention"] = False
+    config["preference"]["method"] = "distillm2"
+    config["pairs"].update(max_new_tokens=PREFERENCE["max_new_tokens"], batch_size=32)
+    config["training"].update(
+        output_dir=output_dir, max_steps=PREFERENCE["steps"], per_device_train_batch_size=PREFERENCE["batch"],
+        gradient_accumulation_steps=1, learning_rate=PREFERENCE["learning_rate"], warmup_ratio=0.0, weight_decay=0.0,
+        lr_scheduler_type="constant", activation_checkpointing=False, logging_steps=10, eval_strategy="no",
+        save_strategy="no", overwrite_output_dir=True, disable_tqdm=True, dataloader_num_workers=0,
+        bf16=torch.cuda.is_available())
+    # The SFT student is retrained by every demo run: pairs it sampled before are not its pairs any more.
+    shutil.rmtree(output_dir, ignore_errors=True)
+    timed(distil_dpo.main)(config)
+    name = (f"student, SFT then {PREFERENCE['steps']} steps of DistiLLM-2 (distil_dpo.py distillm2) on "
+            f"{PREFERENCE['prompts']} prompts' teacher/student pairs")
+    return name, heldout_cross_entropy(output_dir, paths["eval"])
+
+
 def on_policy_lines(results: dict) -> list[str]:
     """The on-policy comparison as markdown: one sentence on what was compared, then the table."""
     settings = demo["on_policy"]
@@ -355,6 +390,8 @@ def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> 
         timed(distil_logits.main)(cross_config)
     print(f"continuing the SFT student for {demo['on_policy']['steps']} steps: on-policy reverse KL vs off-policy KD")
     on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
+    print(f"continuing the SFT student for {PREFERENCE['steps']} steps of DistiLLM-2 (distil_dpo.py) on built pairs")
+    preference_name, preference_ce = preference_row(paths, os.path.join(OUTPUT, "sft"))
 
     evaluation_start = time.time()
     llama, hidden = demo["hidden_student"], demo["hidden"]
@@ -367,7 +404,8 @@ def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> 
                   for method in CROSS_TOKENIZER_ROWS}
     rows = {offline_row: heldout_cross_entropy(os.path.join(OUTPUT, "kd_offline"), paths["eval"]),
             llama_sft_row: heldout_cross_entropy(os.path.join(OUTPUT, "llama_sft"), paths["eval"]),
-            llama_hidden_row: heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"])}
+            llama_hidden_row: heldout_cross_entropy(os.path.join(OUTPUT, "llama_hidden"), paths["eval"]),
+            preference_name: preference_ce}
     # Tokenizer-B students: the negative log-likelihood of the same assistant text, per teacher-tokenizer token.
     _, teacher_tokens = heldout_nats(paths["teacher"], paths["eval"])
     for name, folder in ((b_sft_row, "llama_b_sft"), (b_hidden_row, "llama_b_hidden"),
@@ -419,7 +457,7 @@ def what_it_does(full: bool) -> str:
                  f"and with hidden-state KD, on the teacher's tokenizer and on tokenizer B "
                  f"({demo['tokenizer_b']['vocab_size']} tokens, trained on other rows), where it also learns by logit "
                  f"KD across tokenizers ({', '.join(CROSS_TOKENIZER_ROWS)}); on-policy vs off-policy KD from the SFT "
-                 f"student")
+                 f"student; DistiLLM-2 (distil_dpo.py) from the SFT student")
     return text + (f". Held-out cross-entropy on the assistant tokens of {demo['eval_rows']} unseen rows (lower is "
                    "better; per-token CE compares only on the same rendering, and every row renders the same ChatML "
                    "text):")
@@ -432,6 +470,8 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached data, tokenizer and teacher")
     parser.add_argument("--on-policy-only", action="store_true",
                         help="train the SFT student, then only the on-policy vs off-policy comparison")
+    parser.add_argument("--preference-only", action="store_true",
+                        help="train the SFT student, then only the preference row (distil_dpo.py distillm2)")
     args = parser.parse_args()
     # One thread: these models are too small to gain from more, and on a busy 2-core machine two OpenMP threads
     # spin-wait for each other and run 10-50x slower.
@@ -441,7 +481,7 @@ def main() -> None:
     student_setup = dict(teacher=paths["teacher"], student=paths["student_init"], data=paths["train"],
                          eval_data=paths["eval"], rows=demo["student_rows"], epochs=demo["student"]["epochs"],
                          batch=32, learning_rate=7e-3)
-    if not args.on_policy_only:
+    if not (args.on_policy_only or args.preference_only):
         print(what_it_does(args.full))
     print(f"training the SFT student (alpha = 0) on {demo['student_rows']} rows")
     sft = timed(distil_logits.main)(five_evaluations(run_config(
@@ -451,6 +491,15 @@ def main() -> None:
         on_policy_results = on_policy_comparison(paths, os.path.join(OUTPUT, "sft"))
         print("\n" + "\n".join(on_policy_lines(on_policy_results)))
         json.dump(on_policy_results, open(os.path.join(OUTPUT, "demo_on_policy.json"), "w"), indent=2)
+        print(f"seconds per run: {PHASE_SECONDS} ({time.time() - START:.0f} s in all)")
+        return
+    if args.preference_only:
+        name, value = preference_row(paths, os.path.join(OUTPUT, "sft"))
+        sft_value = heldout_cross_entropy(os.path.join(OUTPUT, "sft"), paths["eval"])
+        print(f"\n| model | held-out CE (nats/token) |\n| --- | --- |\n| student, SFT on {demo['student_rows']} rows | "
+              f"{sft_value:.4f} |\n| {name} | {value:.4f} |")
+        json.dump({"sft": sft_value, name: value, "seconds_per_phase": PHASE_SECONDS},
+                  open(os.path.join(OUTPUT, "demo_preference.json"), "w"), indent=2)
         print(f"seconds per run: {PHASE_SECONDS} ({time.time() - START:.0f} s in all)")
         return
     print(f"training the KD student ({demo['kd']}) from the same initial weights on the same {demo['student_rows']} rows")

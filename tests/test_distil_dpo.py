@@ -392,16 +392,17 @@ def foreign_student(assets, tmp_path):
     return str(folder)
 
 
-def without_rejected(tmp_path):
+def without_answer(tmp_path, key="rejected"):
     rows = preference_rows()
-    rows[2]["rejected"] = ""
+    rows[2][key] = ""
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda c, a, t: c["dataset"].update(name=without_rejected(t)), r"bad.jsonl', line 3: the row has no rejected"),
+    (lambda c, a, t: c["dataset"].update(name=without_answer(t)), r"bad.jsonl', line 3: the row has no rejected"),
+    (lambda c, a, t: c["dataset"].update(name=without_answer(t, "chosen")), r"bad.jsonl', line 3: the row has no chosen"),
     (lambda c, a, t: (c["dataset"].update(name=a["data"]), c["pairs"].update(build=False)),
      "holds prompts without answers and pairs.build is false, so dpo_kd has no pairs"),
     (lambda c, a, t: c["preference"].update(method="dpo"), "unknown preference.method 'dpo'"),
@@ -453,7 +454,8 @@ def test_text_data_and_rows_without_a_prompt_are_refused(tmp_path):
 @pytest.mark.parametrize("method", ["dpo_kd", "distillm2"])
 def test_ddp_two_processes_match_one(assets, preference_files, tmp_path, method):
     """2 processes x 2 pairs x 2 accumulated = 1 process x 2 pairs x 4 accumulated: the same 8 pairs per step, the
-    same SGD updates (plain SGD without clipping, so a wrong normaliser shows as a scale error)."""
+    same SGD updates (plain SGD without clipping, so a wrong normaliser shows as a scale error). distillm2 trains two
+    steps: the second uses the adaptive skews, whose anchors the first step measured over both processes."""
     import subprocess
     import sys
 
@@ -461,8 +463,9 @@ def test_ddp_two_processes_match_one(assets, preference_files, tmp_path, method)
 
     def run(name, accumulation, launch_args):
         config = dpo_config(assets, str(tmp_path / name), preference_files["standard"], method, alpha=0.5)
-        config["training"].update(max_steps=1, gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0,
-                                  weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+        config["training"].update(max_steps=2 if method == "distillm2" else 1, gradient_accumulation_steps=accumulation,
+                                  optim="sgd", learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0,
+                                  lr_scheduler_type="constant")
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
         command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
@@ -472,9 +475,12 @@ def test_ddp_two_processes_match_one(assets, preference_files, tmp_path, method)
         assert result.returncode == 0, result.stderr[-3000:]
         return load_file(os.path.join(tmp_path / name, "model.safetensors")), result.stdout + result.stderr
 
-    single, _ = run("single", 4, ["--num_processes", "1"])
+    single, single_log = run("single", 4, ["--num_processes", "1"])
     double, log = run("ddp", 2, ["--multi_gpu", "--num_processes", "2"])
     assert "training on 2 process(es)" in log
+    if method == "distillm2":
+        anchors = [line for line in single_log.splitlines() if "adaptive skew: anchors" in line]
+        assert anchors and anchors == [line for line in log.splitlines() if "adaptive skew: anchors" in line]
     start = load_file(os.path.join(assets["student"], "model.safetensors"))
     assert any(not torch.equal(start[name], single[name]) for name in start)
     for name, value in single.items():
