@@ -237,12 +237,13 @@ class PreferenceTrainer(DistillationTrainer):
             with open(os.path.join(folder, SKEW_ANCHOR_FILE), "w") as handle:
                 json.dump({"skew_anchor": self.skew_anchor}, handle)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, SKEW_ANCHOR_FILE)
+    def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
+        # Read here rather than in _load_from_checkpoint, which a DeepSpeed resume does not go through.
+        path = os.path.join(resume_from_checkpoint, SKEW_ANCHOR_FILE) if isinstance(resume_from_checkpoint, str) else ""
         if os.path.isfile(path):  # else the resumed run measures it again, on its first step
             with open(path) as handle:
                 self.skew_anchor = tuple(json.load(handle)["skew_anchor"])
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def pair_counts(self, batches: list[dict], device, all_processes: bool) -> torch.Tensor:
         """(chosen tokens, rejected tokens, pairs) of these micro-batches, summed over the processes if asked."""
