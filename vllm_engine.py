@@ -177,6 +177,10 @@ class VllmEngine:
         answer = self._json("POST", "/collective_rpc", {"method": "reload_from_file", "args": [self.weights_path]},
                             " (the weight sync)")
         loaded = answer.get("results") or [{}]
+        errors = [result["error"] for result in loaded if isinstance(result, dict) and "error" in result]
+        if errors:
+            raise VllmEngineError(f"the student's vLLM server {self.url} could not load the weights of step {step}: "
+                                  f"{' '.join(errors[0].split())[:400]}. Is it serving the student (models.student)?")
         if any(result.get("step") != str(step) or result.get("tensors") != len(weights) for result in loaded):
             raise VllmEngineError(f"the student's vLLM server {self.url} answered the weight sync of step {step} with "
                                   f"{loaded}: it did not load the weights just written. Is {self.sync_dir} the same "
