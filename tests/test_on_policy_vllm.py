@@ -8,7 +8,7 @@ distil_logits.py starts a local server with):
 - greedy completions from the engine equal transformers' generate on the same weights, before and after an SGD step
   (whose change of the greedy completions shows the sync took effect);
 - an unreachable URL, a server with another vocabulary and one with another architecture are refused in one line
-  before training, with nothing written;
+  before training, with nothing written; a sync that fails mid-run stops it in one line, checkpoint intact;
 - a resumed run samples the same completions from the engine as the uninterrupted one (it syncs the checkpoint's
   weights before its first sample);
 - 2-process DDP: rank 0 syncs, both processes sample from the server, the run trains;
@@ -169,6 +169,38 @@ def test_resume_samples_the_same_completions_from_the_engine(assets, student_ser
     assert len(full) == 3 and len(samples) == 2
     assert samples == full[1:]
     assert any(len(completion) > 1 for _, _, completions in samples for completion in completions)
+
+
+@pytest.mark.slow
+def test_a_failed_sync_stops_the_run_in_one_line_and_leaves_the_checkpoint(assets, student_server, tmp_path,
+                                                                          monkeypatch):
+    """The server stops answering after step 1 (the client is pointed at a closed port): the sync before step 2 fails,
+    the run stops with one line naming the step, nothing samples from step 0's weights, and checkpoint-1 loads."""
+    from vllm_server import free_port
+
+    sync, samples = VllmEngine.sync, []
+    original_sample = VllmEngine.sample
+
+    def sync_then_lose_the_server(self, weights, step):
+        if step >= 1:
+            self._port = free_port()
+        return sync(self, weights, step)
+
+    def count(self, *args, **kwargs):
+        samples.append(self.synced_step)
+        return original_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(VllmEngine, "sync", sync_then_lose_the_server)
+    monkeypatch.setattr(VllmEngine, "sample", count)
+    out = tmp_path / "run"
+    config = vllm_config(assets, student_server, str(out))
+    config["training"].update(max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=None)
+    with pytest.raises(VllmEngineError, match="step 2: .*did not answer") as error:
+        distil_logits.main(config)
+    assert "\n" not in str(error.value)
+    assert samples == [0]  # step 1 sampled from the start-up sync; step 2 never sampled
+    assert "checkpoint-2" not in os.listdir(out)
+    AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-1"))
 
 
 @pytest.mark.slow
