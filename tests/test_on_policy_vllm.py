@@ -11,7 +11,8 @@ distil_logits.py starts a local server with):
   before training, with nothing written; a sync that fails mid-run stops it in one line, checkpoint intact;
 - a resumed run samples the same completions from the engine as the uninterrupted one (it syncs the checkpoint's
   weights before its first sample);
-- 2-process DDP: rank 0 syncs, both processes sample from the server, the run trains;
+- 2-process DDP: rank 0 syncs, both processes sample from the server, the run trains; 2-process ZeRO-3 gathers
+  the student once per sync and the engine follows it;
 - the config checks of the engine keys (no server: not slow).
 """
 
@@ -272,6 +273,33 @@ def test_ddp_two_processes_sample_from_one_server(assets, student_server, tmp_pa
     state = json.load(open(out / "trainer_state.json"))
     logs = [entry for entry in state["log_history"] if "kd_loss_on_policy" in entry]
     assert len(logs) == 2 and "weight_sync_s" in logs[1]
+    engine = VllmEngine(student_server["url"])
+    engine.check(assets["vocab"])
+    row = fixed_row(assets)
+    trained = hf_log_probs(AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-1")), row)
+    torch.testing.assert_close(engine.prompt_log_probs(row), trained, rtol=0, atol=1e-4)
+    engine.close()
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_gather_once_per_sync(assets, student_server, tmp_path):
+    """ZeRO-3 on 2 processes: each sync gathers the partitioned student (every process enters), the main process
+    sends it (before step 1 too: a partitioned student is not synced at start-up), and the engine ends on
+    checkpoint-1's weights (the last step before a sampling step)."""
+    from test_multiprocess import launch
+
+    out = tmp_path / "zero3"
+    config = vllm_config(assets, student_server, str(out))
+    config["training"].update(max_steps=2, gradient_accumulation_steps=1, save_strategy="steps", save_steps=1,
+                              save_total_limit=None)
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({key: config[key] for key in ("dataset", "models", "tokenizer", "model_config",
+                                                             "distillation", "on_policy", "training")}))
+    log = launch(["--config_file", "deepspeed_configs/accelerate_zero3.yaml", "--num_processes", "2"], str(path))
+    assert "training on 2 process(es), DistributedType.DEEPSPEED" in log
+    state = json.load(open(out / "trainer_state.json"))
+    logs = [entry for entry in state["log_history"] if "kd_loss_on_policy" in entry]
+    assert len(logs) == 2 and all("weight_sync_s" in entry for entry in logs)
     engine = VllmEngine(student_server["url"])
     engine.check(assets["vocab"])
     row = fixed_row(assets)
