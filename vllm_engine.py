@@ -231,11 +231,15 @@ class VllmEngine:
     def close(self) -> None:
         """Stop the request threads and delete the weights file."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.weights_path is not None:
+        if self.weights_path is not None:  # /dev/shm is memory: the student's copy must not outlive the run
             for path in (self.weights_path, self.weights_path + ".partial"):
                 if os.path.exists(path):
                     os.remove(path)
-            os.rmdir(os.path.dirname(self.weights_path))
+            try:
+                os.rmdir(os.path.dirname(self.weights_path))
+            except OSError:
+                pass
+            self.weights_path = None
 
 
 def student_weights(model_wrapped: torch.nn.Module, accelerator, zero3: bool) -> dict[str, torch.Tensor] | None:

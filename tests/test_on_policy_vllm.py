@@ -23,11 +23,9 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_config
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distil_logits
-import vllm_engine
 from common import ConfigError
 from data import CHATML_TEMPLATE
 from on_policy import end_of_turn_id
