@@ -5,6 +5,7 @@ distil_logits.py starts a local server with):
 - after training steps the engine's log-probabilities of a fixed sequence equal those of the trained student (the
   checkpoint of the last step before a sampling step) to float32 tolerance, and differ from the untrained student's:
   the weight sync follows the student, and the run logs weight_sync_s and sampling_tokens_per_second;
+- `vllm_url: null`: the script starts its own server, trains through it and stops its whole process group;
 - greedy completions from the engine equal transformers' generate on the same weights, before and after an SGD step
   (whose change of the greedy completions shows the sync took effect);
 - an unreachable URL, a server with another vocabulary and one with another architecture are refused in one line
@@ -105,6 +106,33 @@ def greedy_hf(model, prompts: list[list[int]], stop_ids: list[int], max_new_toke
                                     eos_token_id=stop_ids, pad_token_id=0, top_k=None, top_p=None, temperature=None)
         completions.append(output[0, len(prompt):].tolist())
     return completions
+
+
+@pytest.mark.slow
+def test_local_server_is_started_used_and_stopped(assets, student_server, tmp_path, monkeypatch):
+    """vllm_url: null: the script starts its own server of models.student (another one than the module's), trains
+    through it, and stops its whole process group when the run ends."""
+    import urllib.request
+
+    started = []
+    original_init = LocalVllmServer.__init__
+
+    def record(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(LocalVllmServer, "__init__", record)
+    config = vllm_config(assets, student_server, str(tmp_path / "run"), vllm_url=None, vllm_timeout_s=900,
+                         vllm_args=["--dtype", "float32", "--enforce-eager"])
+    config["training"]["max_steps"] = 2
+    trainer = distil_logits.main(config)
+    assert len(started) == 1 and started[0].url != student_server["url"]
+    assert sum("weight_sync_s" in entry for entry in trainer.state.log_history) == 1
+    assert started[0].process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(started[0].process.pid, 0)  # no process of its group is left
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{started[0].url}/health", timeout=5)
 
 
 @pytest.mark.slow
