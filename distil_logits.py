@@ -7,6 +7,7 @@ mixed with the usual cross-entropy. Teacher and student share a tokenizer, or di
     python distil_logits.py --config my_experiment.yaml       # override any key of `config` from YAML or JSON
     python distil_logits.py --config capture.yaml             # offline.mode: capture -> store the teacher's top-k once
     bash scripts/serve_teacher.sh TEACHER & python distil_logits.py --config served.yaml   # teacher_server.url: vLLM
+    python distil_logits.py --config on_policy_vllm.yaml      # on_policy.engine: vllm, the student sampled by vLLM
     python examples/demo.py                                   # the offline CPU demo (tiny models, made-up data)
 
 Copy this file per experiment and edit `config`.
@@ -68,6 +69,7 @@ from distributed import check_launch, peak_memory_mib, print_memory_report
 from offline import CaptureRowCollator, capture_teacher, with_row_index
 from on_policy import COMPLETION_LENGTHS, OnPolicySampler, PromptCollator, check_on_policy, on_policy_parts
 from served_teacher import check_teacher_server, served_teacher_from_config
+from vllm_engine import start_vllm_engine
 from teacher_signal import (AlignedPairs, CapturedTopK, CrossTokenizerTeacher, InProcessTeacher, LossTerms, ServedTopK,
                             model_inputs, student_loss)
 
@@ -128,6 +130,11 @@ config = {
         "temperature": 1.0,  # loss temperature on sampled micro-batches (times T^2); 1 compares the distributions sampled from
         "sampling_temperature": 1.0,  # the student's sampling temperature (1: its own distribution; else a warning)
         "top_p": 1.0,  # nucleus sampling (1: the whole vocabulary; else a warning)
+        "engine": "hf",  # hf: the student samples with transformers' generate | vllm: a vLLM server synced to its weights
+        "vllm_url": None,  # engine vllm: None starts a local server (scripts/serve_student.sh) | e.g. http://127.0.0.1:8001
+        "vllm_args": [],  # engine vllm, local server: extra vLLM arguments, e.g. ["--gpu-memory-utilization", "0.3"]
+        "vllm_sync_dir": "/dev/shm",  # engine vllm: folder the student's weights are written to per sync (the server reads it)
+        "vllm_timeout_s": 600,  # engine vllm: longest wait for the server to start, load a sync or answer a request
     },
     "offline": {
         "mode": None,  # None: teacher runs next to the student | capture: store its top-k and stop | train: learn from a capture
@@ -362,11 +369,31 @@ def main(config: dict) -> LogitsTrainer:
                                     checks)
     if sampler is not None:
         collator = PromptCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+    resume = resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
+                                       training.get("overwrite_output_dir"))
+    engine, server = None, None
+    try:
+        if sampler is not None and config["on_policy"]["engine"] == "vllm":  # checked (and synced) before training
+            engine, server = start_vllm_engine(config["on_policy"], config["models"]["student"], student,
+                                               config["tokenizer"]["max_length"], training["output_dir"],
+                                               synced=resume is None and not is_deepspeed_zero3_enabled())
+            sampler.engine = engine
+        return train_and_save(config, student, teacher_signal, vocab_size, args, train_dataset, eval_dataset, tokenizer,
+                              collator, sampler, resume)
+    finally:  # also on errors and Ctrl-C: the local server's processes must not outlive the run
+        if engine is not None:
+            engine.close()
+        if server is not None:
+            server.stop()
 
+
+def train_and_save(config: dict, student, teacher_signal, vocab_size: int, args, train_dataset, eval_dataset, tokenizer,
+                   collator, sampler: OnPolicySampler | None, resume) -> LogitsTrainer:
+    """Build the trainer, train (from `resume`, a checkpoint path or None), save the finished run."""
     trainer = LogitsTrainer(
         model=student,
         teacher_signal=teacher_signal,
-        distillation=distillation,
+        distillation=config["distillation"],
         vocab_size=vocab_size,
         args=args,
         train_dataset=train_dataset,
@@ -376,8 +403,7 @@ def main(config: dict) -> LogitsTrainer:
         data_collator=collator,
         on_policy=sampler,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training["output_dir"], training.get("resume_from_checkpoint"),
-                                                                   training.get("overwrite_output_dir")))
+    trainer.train(resume_from_checkpoint=resume)
     output_dir = save_finished_run(trainer, tokenizer, config)
     print_rank0(f"saved the student, its tokenizer and distillation_config.json to {output_dir}")
     return trainer

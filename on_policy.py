@@ -9,6 +9,9 @@ generation_config (ZeRO-3 parameters gathered once per step), the re-labelled ba
 degenerate, the optimizer step's micro-batches as the trainer takes them (`OnPolicySampler.step_micro_batches`) and
 the loss parts it logs (`on_policy_parts`). distil_logits.py owns the `on_policy` config block and the few trainer
 lines that call this.
+
+With `engine: vllm` the completions come from a vLLM server that holds the student's current weights instead of
+generate (vllm_engine.py: the client, the weight sync, the local server); everything else here is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
             raise ConfigError(f"on_policy.{key} must be > 0 ({meaning}), got {on_policy[key]!r}.")
     if not isinstance(on_policy["top_p"], (int, float)) or not 0 < on_policy["top_p"] <= 1:
         raise ConfigError(f"on_policy.top_p must be in (0, 1] (1: no nucleus cut), got {on_policy['top_p']!r}.")
+    check_engine_settings(on_policy)
     if fraction == 0:
         return
     if config["offline"]["mode"]:
@@ -62,6 +66,27 @@ def check_on_policy(on_policy: dict, config: dict) -> None:
     if config["training"].get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ConfigError("on_policy.fraction > 0 is not implemented under FSDP (generation would need the sharded "
                           "student gathered); launch with DDP or DeepSpeed ZeRO-3 instead.")
+
+
+def check_engine_settings(on_policy: dict) -> None:
+    """on_policy.engine and its vllm_* keys."""
+    if on_policy["engine"] not in ("hf", "vllm"):
+        raise ConfigError(f"on_policy.engine must be hf (transformers' generate) or vllm (a vLLM server), got "
+                          f"{on_policy['engine']!r}.")
+    url = on_policy["vllm_url"]
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise ConfigError(f"on_policy.vllm_url must be null (the script starts a local server) or an http(s) URL such "
+                          f"as http://127.0.0.1:8001, got {url!r}.")
+    if not isinstance(on_policy["vllm_args"], (list, tuple)) or \
+            not all(isinstance(arg, str) for arg in on_policy["vllm_args"]):
+        raise ConfigError(f"on_policy.vllm_args must be a list of strings (extra vLLM arguments of the local server), "
+                          f"got {on_policy['vllm_args']!r}.")
+    timeout = on_policy["vllm_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"on_policy.vllm_timeout_s must be a number of seconds > 0, got {timeout!r}.")
+    if on_policy["engine"] == "vllm" and on_policy["fraction"] > 0 and not os.path.isdir(on_policy["vllm_sync_dir"]):
+        raise ConfigError(f"on_policy.vllm_sync_dir {on_policy['vllm_sync_dir']!r} is not a folder: the student's "
+                          "weights are written there for the vLLM server at each sync (/dev/shm: in memory).")
 
 
 def samples_this_batch(seed: int, step: int, micro_batch: int, fraction: float) -> bool:
@@ -266,8 +291,9 @@ class OnPolicySampler:
     # A degenerate-samples warning is repeated at most once per this many optimizer steps.
     WARN_EVERY_STEPS = 50
 
-    def __init__(self, settings: dict, tokenizer, vocab_size: int, max_length: int, seed: int):
+    def __init__(self, settings: dict, tokenizer, vocab_size: int, max_length: int, seed: int, engine=None):
         self.settings = settings
+        self.engine = engine  # a vllm_engine.VllmEngine (on_policy.engine: vllm), else None: generate
         self.pad_token_id = tokenizer.pad_token_id
         self.stop_ids = sorted({end_of_turn_id(tokenizer)} | ({tokenizer.eos_token_id} - {None}))
         self.vocab_size = vocab_size
@@ -276,6 +302,7 @@ class OnPolicySampler:
         from distillation_trainer import TrainingSpeed  # here: distillation_trainer imports this module (its keys)
 
         self.speed = TrainingSpeed("sampling_tokens_per_second")
+        self.weight_sync_s = None  # seconds spent in weight syncs since the last log (None: no sync)
         self.warned_at_step = None
         warning = sampling_warning(settings)
         if warning:
@@ -315,12 +342,18 @@ class OnPolicySampler:
         device = batches[next(iter(prompts))]["input_ids"].device
         prompt_ids, prompt_mask = left_padded(rows, self.pad_token_id, device)
         room = self.max_length - min(len(prompt) for prompt in rows)
+        seed, max_new_tokens = generation_seed(self.seed, step, accelerator.process_index), self.settings["max_new_tokens"]
+        if self.engine is not None:
+            self.sync_engine(step, model_wrapped, accelerator, zero3)
         # On a GPU a CUDA event (TrainingSpeed): the wall clock would also count the previous step's queued kernels.
         start = self.speed.start()
-        with student_for_generation(model_wrapped, accelerator, zero3) as student, autocast():
-            completions = sample_completions(
-                student, prompt_ids, prompt_mask, self.settings, self.stop_ids, self.pad_token_id, self.vocab_size,
-                generation_seed(self.seed, step, accelerator.process_index), min(self.settings["max_new_tokens"], room))
+        if self.engine is not None:  # each row up to max_length, as label_completions cuts generate's longer rows
+            completions = self.engine.sample(rows, self.settings, self.stop_ids, self.vocab_size, seed,
+                                             [min(max_new_tokens, self.max_length - len(prompt)) for prompt in rows])
+        else:
+            with student_for_generation(model_wrapped, accelerator, zero3) as student, autocast():
+                completions = sample_completions(student, prompt_ids, prompt_mask, self.settings, self.stop_ids,
+                                                 self.pad_token_id, self.vocab_size, seed, min(max_new_tokens, room))
         out, labelled, first = list(batches), [], 0
         for index, batch_prompts in prompts.items():
             sampled = label_completions(batch_prompts, completions[first:first + len(batch_prompts)],
@@ -333,6 +366,31 @@ class OnPolicySampler:
         self.speed.add_tokens(sum(map(len, labelled)), start)
         self.check_health(labelled, step)
         return out
+
+    def sync_engine(self, step: int, model_wrapped, accelerator, zero3: bool) -> None:
+        """Make the vLLM server hold the student's weights of optimizer step `step`, unless it already does: every
+        process enters (ZeRO-3 gathers collectively), the main process writes and sends, and the others wait for its
+        outcome, so a failed sync stops every process with the same line before any of them samples."""
+        from vllm_engine import VllmEngineError, student_weights
+
+        if self.engine.synced_step == step:
+            return
+        weights = student_weights(model_wrapped, accelerator, zero3)
+        error = None
+        if accelerator.is_main_process:
+            try:
+                seconds = self.engine.sync(weights, step)
+                self.weight_sync_s = (self.weight_sync_s or 0.0) + seconds
+            except VllmEngineError as failure:
+                error = str(failure)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise VllmEngineError(f"step {step + 1}: {error} The run stops rather than sample from the previous "
+                                  "weights; the last checkpoint is intact (resume from it once the server is fixed).")
+        self.engine.synced_step = step
 
     def check_health(self, completions: list[list[int]], step: int) -> None:
         """Warn (main process, its own samples, at most once per WARN_EVERY_STEPS steps) when the step's completions
@@ -348,8 +406,13 @@ class OnPolicySampler:
 
     def pop_speeds(self) -> dict[str, float]:
         """This process's sampling tokens/s since the last log (sampled completion tokens per second of the step's
-        generation, the ZeRO-3 gather included), then reset. The trainer logs the training tokens/s in every mode."""
-        return self.speed.pop()
+        generation, the ZeRO-3 gather included; with the vLLM engine its requests, the weight sync apart), and
+        weight_sync_s (seconds spent in weight syncs, when there was one), then reset. The trainer logs the training
+        tokens/s in every mode."""
+        speeds = self.speed.pop()
+        if self.weight_sync_s is not None:
+            speeds["weight_sync_s"], self.weight_sync_s = self.weight_sync_s, None
+        return speeds
 
 
 def on_policy_parts(outputs: dict, inputs: dict, num_items_in_batch, batch_tokens: torch.Tensor) -> dict:

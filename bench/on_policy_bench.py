@@ -1,19 +1,24 @@
-"""On-policy distillation step: distil_logits.py (on_policy.fraction 1, reverse KL) next to TRL 1.16's experimental
-GKDTrainer (lmbda 1, beta 1 = reverse KL), same tiny models, prompts, batch, sampling and completion length.
+"""On-policy distillation step: distil_logits.py (on_policy.fraction 1, reverse KL), sampling with generate or with a
+vLLM server (on_policy.engine: vllm), next to TRL 1.16's experimental GKDTrainer (lmbda 1, beta 1 = reverse KL), same
+tiny models, prompts, batch, sampling and completion length.
 
-    python bench/on_policy_bench.py                       # both, each in a fresh process; writes bench/output/on_policy.json
+    python bench/on_policy_bench.py                       # all, each in a fresh process; writes bench/output/on_policy_32.json
     python bench/on_policy_bench.py --batch 8 --max-new-tokens 64 --steps 5
     python bench/on_policy_bench.py --batch 1 --accumulation 8 --variant ours   # the dict's default step shape, ours only
+    python bench/on_policy_bench.py --variants ours,ours_vllm --max-new-tokens 512   # generate against vLLM
 
-Variants: ours (activation checkpointing off), gkd (GKDTrainer with gradient_checkpointing off, so it generates with
-the KV cache as ours does), gkd_default (GKDTrainer's default gradient_checkpointing=True: it then generates without
-the KV cache and recomputes activations in backward).
+Variants: ours (activation checkpointing off, generate), ours_vllm (the same, sampling from a local vLLM server that
+the script starts from .venv-vllm and syncs each step; its start is not timed), gkd (GKDTrainer with
+gradient_checkpointing off, so it generates with the KV cache as ours does), gkd_default (GKDTrainer's default
+gradient_checkpointing=True: it then generates without the KV cache and recomputes activations in backward).
 
 Per variant: the median wall time of an optimizer step after the first (`--accumulation` micro-batches of `--batch`
 rows: sample, teacher and student forward, backward, AdamW, and the Trainer's logging; from one step's end to the
 next), the completion tokens it trained on, completion tokens per second of the whole step, and
 the peak resident memory (VmHWM) grown during training over the resident size before it (CPU), or
-torch.cuda.max_memory_allocated (GPU). Both variants stop sampling at the same tokens (<|im_end|>, <|endoftext|>): the
+torch.cuda.max_memory_allocated (GPU); and the sampling alone: completion tokens per second of the generation (ours:
+the logged sampling_tokens_per_second; GKDTrainer: its generate_on_policy_outputs timed), and ours_vllm's weight
+sync seconds per step. The vLLM server's memory is its own processes' and is not in the RSS column. Both variants stop sampling at the same tokens (<|im_end|>, <|endoftext|>): the
 student's generation_config lists both, which is where GKDTrainer reads its stop tokens.
 """
 
@@ -51,7 +56,8 @@ def reset_peak() -> None:
 
 def build_assets(folder: str, rows: int) -> dict:
     """Tokenizer, student (Qwen2, hidden 64, 2 layers), teacher (hidden 128, 4 layers), both with the tokenizer's
-    vocabulary (GKDTrainer refuses different sizes), and `rows` demo conversations in ShareGPT and messages form."""
+    vocabulary (GKDTrainer refuses different sizes), and `rows` demo conversations in ShareGPT and messages form. The
+    student has 2 heads of 32 (vLLM's CPU attention takes head sizes of 32 and up) and both take 1,024 positions."""
     import demo_data
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
@@ -68,7 +74,8 @@ def build_assets(folder: str, rows: int) -> dict:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            num_attention_heads=2 if name == "student" else 4, num_key_value_heads=1 if name == "student" else 2,
+            max_position_embeddings=1024, tie_word_embeddings=False,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
         model.generation_config.eos_token_id = stops
         model.save_pretrained(paths[name])
@@ -88,6 +95,7 @@ class StepClock:
 
     def __init__(self):
         self.ends, self.times, self.tokens, self.step_tokens = [], [], 0, []
+        self.sampled, self.sampling, self.sync = [], None, []  # GKD's (tokens, seconds) per generate; the results
 
     def on_step_begin(self, *args, **kwargs):
         pass
@@ -103,7 +111,7 @@ class StepClock:
         self.tokens += tokens
 
 
-def run_ours(paths: dict, args, output_dir: str) -> dict:
+def run_ours(paths: dict, args, output_dir: str, engine: str = "hf") -> dict:
     import distil_logits
     import on_policy
     from transformers import TrainerCallback
@@ -115,11 +123,15 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
     config = copy.deepcopy(distil_logits.config)
     config["dataset"].update(name=paths["sharegpt"], eval_size=0, seed=0)
     config["models"].update(teacher=paths["teacher"], student=paths["student"])
-    config["tokenizer"]["max_length"] = 512
+    config["tokenizer"]["max_length"] = 1024
     config["model_config"]["use_flash_attention"] = False
     config["distillation"].update(alpha=1.0, divergence="reverse_kl", temperature=1.0)
     # Sampling at the defaults (temperature 1, top_p 1), whatever the keys are called in the checkout measured.
     config["on_policy"].update(fraction=1.0, max_new_tokens=args.max_new_tokens)
+    if engine == "vllm":  # a local server (vllm_url null), float32 as the student, no graph capture on the CPU
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        config["on_policy"].update(engine="vllm", vllm_url=None, vllm_args=[] if torch.cuda.is_available() else
+                                   ["--dtype", "float32", "--enforce-eager"])
     config["training"].update(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
                               gradient_accumulation_steps=args.accumulation, learning_rate=1e-4, warmup_ratio=0.0, save_strategy="no",
                               eval_strategy="no", activation_checkpointing=False, bf16=torch.cuda.is_available(),
@@ -138,7 +150,11 @@ def run_ours(paths: dict, args, output_dir: str) -> dict:
 
     distil_logits.LogitsTrainer.__init__ = init_with_clock
     trainer = distil_logits.main(config)
-    return clock.times, clock.step_tokens, trainer.rss_before
+    logs = [entry for entry in trainer.state.log_history if "sampling_tokens_per_second" in entry][1:]
+    clock.sampling = statistics.median(entry["sampling_tokens_per_second"] for entry in logs)
+    clock.sync = [entry["weight_sync_s"] for entry in logs if "weight_sync_s" in entry]
+    clock.rss_before = trainer.rss_before
+    return clock
 
 
 def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> dict:
@@ -152,8 +168,11 @@ def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> 
     generate = GKDTrainer.generate_on_policy_outputs
 
     def counted(model, inputs, generation_config):
+        start = time.perf_counter()
         ids, mask, labels = generate(model, inputs, generation_config)
-        clock.add_tokens(int((labels != -100).sum()))
+        tokens = int((labels != -100).sum())
+        clock.sampled.append((tokens, time.perf_counter() - start))
+        clock.add_tokens(tokens)
         return ids, mask, labels
 
     GKDTrainer.generate_on_policy_outputs = staticmethod(counted)
@@ -161,7 +180,7 @@ def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> 
     tokenizer.chat_template = CHATML_TEMPLATE
     gkd_args = GKDConfig(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
                          gradient_accumulation_steps=args.accumulation, learning_rate=1e-4, lmbda=1.0, beta=1.0, temperature=1.0,
-                         max_new_tokens=args.max_new_tokens, max_length=512, save_strategy="no", report_to="none",
+                         max_new_tokens=args.max_new_tokens, max_length=1024, save_strategy="no", report_to="none",
                          use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), logging_steps=1,
                          disable_tqdm=True, dataloader_num_workers=0, seed=42,
                          # TRL's default is True, and GKDTrainer then generates without the KV cache
@@ -177,24 +196,30 @@ def run_gkd(paths: dict, args, output_dir: str, checkpointing: bool = False) -> 
     reset_peak()
     rss_before = peak_rss_mib()
     trainer.train()
-    return clock.times, clock.step_tokens, rss_before
+    sampled = clock.sampled[args.accumulation:]  # after the first step, as the step times
+    clock.sampling = sum(tokens for tokens, _ in sampled) / sum(seconds for _, seconds in sampled)
+    clock.rss_before = rss_before
+    return clock
 
 
 def measure(variant: str, args) -> dict:
     torch.set_num_threads(args.threads)
-    paths = build_assets(os.path.join(args.output, "on_policy_assets"), 256)
+    paths = build_assets(os.path.join(args.output, "on_policy_assets_h32"), 256)
     output_dir = os.path.join(args.output, f"on_policy_{variant}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if variant == "ours":
-        times, tokens, rss_before = run_ours(paths, args, output_dir)
+    if variant.startswith("ours"):
+        clock = run_ours(paths, args, output_dir, engine="vllm" if variant == "ours_vllm" else "hf")
     else:
-        times, tokens, rss_before = run_gkd(paths, args, output_dir, checkpointing=variant == "gkd_default")
+        clock = run_gkd(paths, args, output_dir, checkpointing=variant == "gkd_default")
+    times, tokens, rss_before = clock.times, clock.step_tokens, clock.rss_before
     timed = list(zip(times, tokens[1:]))  # times[i] is step i + 1
     step = statistics.median(t for t, _ in timed)
     result = {"variant": variant, "step_seconds_median": step,
               "completion_tokens_per_step": statistics.mean(n for _, n in timed),
-              "completion_tokens_per_second": sum(n for _, n in timed) / sum(t for t, _ in timed)}
+              "completion_tokens_per_second": sum(n for _, n in timed) / sum(t for t, _ in timed),
+              "sampling_tokens_per_second": clock.sampling,
+              "weight_sync_s_median": statistics.median(clock.sync) if clock.sync else None}
     if torch.cuda.is_available():
         result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -202,12 +227,14 @@ def measure(variant: str, args) -> dict:
     return result
 
 
-VARIANTS = ("ours", "gkd", "gkd_default")
+VARIANTS = ("ours", "ours_vllm", "gkd", "gkd_default")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run, each in a "
+                        "fresh process")
     parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -220,23 +247,26 @@ def main() -> None:
         return
     os.makedirs(args.output, exist_ok=True)
     results = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(lines[-1][len("RESULT "):]))
-    settings = {"batch": args.batch, "accumulation": args.accumulation, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
+    settings = {"variants": args.variants, "batch": args.batch, "accumulation": args.accumulation, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
                 "threads": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    json.dump({"settings": settings, "results": results}, open(os.path.join(args.output, "on_policy.json"), "w"),
+    json.dump({"settings": settings, "results": results}, open(os.path.join(args.output,
+              f"on_policy_{args.max_new_tokens}.json"), "w"),
               indent=2)
     memory = "peak_cuda_allocated_mib" if torch.cuda.is_available() else "peak_rss_growth_mib"
-    print(f"settings: {settings}\n\n| variant | step (s, median) | completion tokens/step | completion tokens/s | "
-          f"{memory} |\n| --- | --- | --- | --- | --- |")
+    print(f"settings: {settings}\n\n| variant | step (s, median) | completion tokens/step | completion tokens/s of the "
+          f"step | sampling tokens/s | weight sync (s) | {memory} |\n| --- | --- | --- | --- | --- | --- | --- |")
     for result in results:
+        sync = result["weight_sync_s_median"]
         print(f"| {result['variant']} | {result['step_seconds_median']:.3f} | {result['completion_tokens_per_step']:.1f} "
-              f"| {result['completion_tokens_per_second']:.1f} | {result[memory]:.1f} |")
+              f"| {result['completion_tokens_per_second']:.1f} | {result['sampling_tokens_per_second']:.1f} | "
+              f"{'-' if sync is None else f'{sync:.3f}'} | {result[memory]:.1f} |")
 
 
 if __name__ == "__main__":
