@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -296,6 +297,21 @@ class LocalVllmServer:
         finally:
             probe.close()
         self.start_s = time.monotonic() - start
+        self._previous_sigterm = exit_on_sigterm()
+
+
+def exit_on_sigterm():
+    """While a local server runs, SIGTERM (what a scheduler or a launcher sends a process it stops) raises SystemExit in
+    the main thread instead of killing it outright, so that the caller's `finally` stops the server's processes (and
+    deletes the student's copy in /dev/shm). Only where SIGTERM still has its default action; returns the handler to
+    restore, or None where nothing was changed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, raise_exit)
 
     def last_line(self) -> str:
         with open(self.log_path, errors="replace") as log:
@@ -305,6 +321,9 @@ class LocalVllmServer:
 
     def stop(self) -> None:
         """SIGTERM to the server's process group (the API server, its engine and worker), SIGKILL after 30 s."""
+        if getattr(self, "_previous_sigterm", None) is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         deadline = time.monotonic() + 30
         try:
             os.killpg(self.process.pid, signal.SIGTERM)

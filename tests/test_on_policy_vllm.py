@@ -357,3 +357,25 @@ def test_sampling_requests_leave_nothing_to_the_servers_defaults():
     assert body["repetition_penalty"] == 1.0 and body["presence_penalty"] == 0 and body["frequency_penalty"] == 0
     assert body["ignore_eos"] is True and body["stop_token_ids"] == [3, 4] and body["seed"] == 7
     assert "allowed_token_ids" not in body and body["max_tokens"] == 10
+
+
+def test_sigterm_runs_the_cleanup_that_stops_a_local_server(tmp_path):
+    """A run holding a local server that gets SIGTERM (a scheduler's stop, a launcher ending its ranks) exits through its
+    `finally`, where distil_logits stops the server; with SIGTERM's default action the server would outlive it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "cleaned"
+    program = ("import sys, time; sys.path.insert(0, sys.argv[2]); from vllm_engine import exit_on_sigterm\n"
+               "assert exit_on_sigterm() is not None\n"
+               "try:\n    print('ready', flush=True); time.sleep(60)\n"
+               "finally:\n    open(sys.argv[1], 'w').write('stopped')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-c", program, str(marker), root], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "stopped" and time.monotonic() - start < 30
