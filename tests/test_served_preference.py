@@ -192,6 +192,8 @@ def test_distillm2_trains_from_the_server_with_the_in_process_top_k_terms(assets
     want_chosen = topk_formula(logits[:pairs], batch["labels"][:pairs], parts[0], "skew_forward_kl", vocab)
     want_rejected = topk_formula(logits[pairs:], batch["labels"][pairs:], parts[1], "skew_reverse_kl", vocab)
     # vLLM's float32 CPU forward against transformers': the two differ in float32 rounding only.
+    print(f"first step: chosen_kl {first['chosen_kl']:.6f} served, {float(want_chosen):.6f} formula; rejected_kl "
+          f"{first['rejected_kl']:.6f} served, {float(want_rejected):.6f} formula")
     assert first["chosen_kl"] == pytest.approx(float(want_chosen), rel=1e-4)
     assert first["rejected_kl"] == pytest.approx(float(want_rejected), rel=1e-4)
 
