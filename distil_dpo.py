@@ -5,6 +5,7 @@ one (rejected): DistiLLM-2's contrastive loss, or DPO with a teacher term. Teach
     accelerate launch --multi_gpu --num_processes 8 distil_dpo.py      # 8 GPUs, DDP (keep --multi_gpu: docs/hardware.md)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_dpo.py   # DeepSpeed ZeRO-3
     python distil_dpo.py --config my_experiment.yaml          # override any key of `config` from YAML or JSON
+    bash scripts/serve_teacher.sh TEACHER & python distil_dpo.py --config served.yaml   # teacher_server.url: vLLM
 
 Copy this file per experiment and edit `config`. docs/preference.md has the data shapes, the pairs file and what was
 measured.
@@ -13,6 +14,8 @@ The data: preference rows (TRL's `prompt`, `chosen`, `rejected`, as strings or a
 Prompts (ShareGPT or messages; a conversation's prompt is everything before its last assistant turn, its own answer
 is not used) get their pairs built once, before training: chosen is the teacher's sample, rejected the starting
 student's, with the `pairs` settings, written to output_dir/pairs.jsonl and reused by a rerun with the same settings.
+With `teacher_server.url` the teacher is served by vLLM and never loaded here: the server samples the chosen answers
+and answers the KD terms' top-k (k + 1 buckets, as distil_logits.py; docs/preference.md).
 
 The loss, per optimizer step (preference_loss.py has the reference formulas; the computation runs on hidden states
 and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen and rejected answers, x its prompt:
