@@ -5,6 +5,7 @@ one (rejected): DistiLLM-2's contrastive loss, or DPO with a teacher term. Teach
     accelerate launch --multi_gpu --num_processes 8 distil_dpo.py      # 8 GPUs, DDP (keep --multi_gpu: docs/hardware.md)
     accelerate launch --config_file deepspeed_configs/accelerate_zero3.yaml distil_dpo.py   # DeepSpeed ZeRO-3
     python distil_dpo.py --config my_experiment.yaml          # override any key of `config` from YAML or JSON
+    bash scripts/serve_teacher.sh TEACHER & python distil_dpo.py --config served.yaml   # teacher_server.url: vLLM
 
 Copy this file per experiment and edit `config`. docs/preference.md has the data shapes, the pairs file and what was
 measured.
@@ -13,6 +14,8 @@ The data: preference rows (TRL's `prompt`, `chosen`, `rejected`, as strings or a
 Prompts (ShareGPT or messages; a conversation's prompt is everything before its last assistant turn, its own answer
 is not used) get their pairs built once, before training: chosen is the teacher's sample, rejected the starting
 student's, with the `pairs` settings, written to output_dir/pairs.jsonl and reused by a rerun with the same settings.
+With `teacher_server.url` the teacher is served by vLLM and never loaded here: the server samples the chosen answers
+and answers the KD terms' top-k (k + 1 buckets, as distil_logits.py; docs/preference.md).
 
 The loss, per optimizer step (preference_loss.py has the reference formulas; the computation runs on hidden states
 and never builds the (tokens, vocabulary) logits). c and r are a pair's chosen and rejected answers, x its prompt:
@@ -86,7 +89,8 @@ from preference_data import (PAIRS_FILE, PairCollator, add_reference_log_probs, 
                              check_preference_rows, load_rows, pair_settings, preference_messages, prompt_messages,
                              read_pairs, tokenize_pairs)
 from preference_loss import METHODS, PreferenceTerms, distillm2_mix, preference_student_loss
-from teacher_signal import InProcessTeacher, model_inputs
+from served_teacher import ServedTeacher, check_server_block, run_startup_checks, served_teacher_from_config
+from teacher_signal import InProcessTeacher, ServedTopK, model_inputs
 
 config = {
     "project_name": "distil-dpo",  # a label written into the saved config
@@ -106,6 +110,15 @@ config = {
     "models": {
         "teacher": "arcee-ai/Arcee-Spark",  # Hub id or local folder; must share the student's tokenizer
         "student": "Qwen/Qwen2-1.5B",  # Hub id or local folder; also the frozen DPO reference (its starting weights)
+    },
+    "teacher_server": {  # the teacher served by vLLM (scripts/serve_teacher.sh; docs/preference.md, docs/served-teacher.md)
+        "url": None,  # None: the teacher loads in this process | e.g. http://127.0.0.1:8000: it samples the chosen answers and answers the KD terms' top-k
+        "model": None,  # served model name; None: the server's only model
+        "top_k": 64,  # log-probabilities asked per position; KD over them plus one bucket for the rest (<= --max-logprobs)
+        "api_key_env": None,  # name of the environment variable holding the server's --api-key (never the key itself)
+        "timeout_s": 120,  # longest silence of the server while connecting or answering before a retry
+        "max_retries": 5,  # retries of a failed request (backoff 0.5 s, doubling) before the run stops with one line
+        "prefetch": 2,  # micro-batches of the step requested ahead of the one the student trains on (0: each when reached)
     },
     "tokenizer": {
         "max_length": 4096,  # tokens per row (prompt + answer); longer rows are truncated
@@ -191,6 +204,17 @@ def check_preference(config: dict) -> None:
         raise ConfigError(f"pairs.top_p must be in (0, 1], got {pairs['top_p']!r}.")
     if config["training"].get("packing"):
         raise ConfigError("distil_dpo.py needs training.packing: false (a pair's two rows are compared as rows).")
+    if config["teacher_server"]["url"] is not None:
+        check_server_block(config["teacher_server"])
+        if uses_teacher(config) and distillation["temperature"] != 1:
+            # The server answers the top k at T = 1; the tempered mass outside them needs every logit.
+            raise ConfigError(f"teacher_server.url needs distillation.temperature: 1 (got {distillation['temperature']}): "
+                              "the server's top-k at T = 1 cannot give the exact tempered distribution; use T = 1 or "
+                              "an in-process teacher (teacher_server.url: null).")
+        if preference["method"] == "distillm2" and preference["adaptive_skew"]:
+            raise ConfigError("teacher_server.url cannot train distillm2 with preference.adaptive_skew: the skew needs "
+                              "the teacher's log-probability of every answer token, which its top-k lacks when the "
+                              "token is outside the k; set adaptive_skew: false, or teacher_server.url: null.")
 
 
 def validate(config: dict) -> None:
@@ -329,9 +353,10 @@ def split_eval(tokenized, data_config: dict):
     return split["train"], split["test"]
 
 
-def prepare_pairs(config: dict, tokenizer, teacher_tokenizer) -> tuple:
+def prepare_pairs(config: dict, tokenizer, teacher_tokenizer, server: ServedTeacher | None = None) -> tuple:
     """Read the data, check it, build or reuse the pairs of prompts (on the main process, the others waiting), tokenize
-    and split them. Returns (train, eval or None, vocab_size)."""
+    and split them. With a teacher `server`, its start-up checks run first, and it samples the chosen answers (the
+    teacher's weights are never loaded here). Returns (train, eval or None, vocab_size, the start-up checks' rows)."""
     import datasets
     from accelerate import PartialState
 
@@ -353,19 +378,25 @@ def prepare_pairs(config: dict, tokenizer, teacher_tokenizer) -> tuple:
             raise ConfigError(f"dataset.eval_name '{data_config['eval_name']}' must hold preference rows (prompt, "
                               "chosen, rejected); use dataset.eval_size to hold out built pairs instead.")
         check_preference_rows(raw_eval, data_config["eval_name"], system_prompt)
-    vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer,
-                                   sample_texts(raw, shape, data_format, tokenizer, system_prompt))
+    texts = sample_texts(raw, shape, data_format, tokenizer, system_prompt)
+    vocab_size = shared_vocab_size(teacher_tokenizer, tokenizer, texts)
+    checks = {"texts": texts[:4], "student_ids": [tokenizer(text, add_special_tokens=False)["input_ids"]
+                                                  for text in texts[:4]], "max_length": max_length}
+    if server is not None:  # before anything is written; names the served model when teacher_server.model is null
+        run_startup_checks(server, vocab_size, **checks)
     state = PartialState()
     if shape == "prompts":
         prompts = [prompt_messages(row, data_format, system_prompt) for row in raw]
         path = os.path.join(config["training"]["output_dir"], PAIRS_FILE)
-        settings = pair_settings(config, len(prompts))
+        served = None if server is None else {"url": server.url, "model": server.model}
+        settings = pair_settings(config, len(prompts), served)
         check_pairs_file(path, settings)  # before anything is written
         with state.main_process_first():
             found, pairs = read_pairs(path)
             if found != settings or len(pairs) < len(prompts):
                 # Loaded whole on the main process (before DeepSpeed is registered), for sampling only.
-                teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False).to(state.device)
+                teacher = server if server is not None else \
+                    load_causal_lm(config["models"]["teacher"], config, trainable=False).to(state.device)
                 student = load_causal_lm(config["models"]["student"], config, trainable=False).to(state.device)
                 pairs = build_pairs(path, settings, prompts, tokenizer, teacher, student, vocab_size, state.device)
                 del teacher, student
@@ -379,7 +410,7 @@ def prepare_pairs(config: dict, tokenizer, teacher_tokenizer) -> tuple:
         if data_config.get("eval_name"):
             evaluation, _ = tokenize_pairs(raw_eval, data_config["eval_name"], tokenizer, max_length, system_prompt)
     print_rank0(f"pairs: {len(train)} to train on, {0 if evaluation is None else len(evaluation)} held out")
-    return train, evaluation, vocab_size
+    return train, evaluation, vocab_size, checks
 
 
 def main(config: dict) -> PreferenceTrainer:
@@ -389,7 +420,10 @@ def main(config: dict) -> PreferenceTrainer:
     preference, training = config["preference"], config["training"]
     tokenizer = load_tokenizer(config["models"]["student"], config["tokenizer"]["chat_template"])
     teacher_tokenizer = load_tokenizer(config["models"]["teacher"], config["tokenizer"]["chat_template"])
-    train_dataset, eval_dataset, vocab_size = prepare_pairs(config, tokenizer, teacher_tokenizer)
+    server = None
+    if config["teacher_server"]["url"] is not None:
+        server, _ = served_teacher_from_config(config, tokenizer, texts=[])
+    train_dataset, eval_dataset, vocab_size, checks = prepare_pairs(config, tokenizer, teacher_tokenizer, server)
     if preference["method"] == "dpo_kd":
         # The reference is the starting student, in the precision it trains in: at step 0 policy and reference agree.
         from accelerate import PartialState
@@ -406,15 +440,21 @@ def main(config: dict) -> PreferenceTrainer:
     args = build_sft_config(config, max_length=config["tokenizer"]["max_length"],
                             eval_strategy=training.get("eval_strategy", "no") if eval_dataset is not None else "no")
     check_launch(args, "distil_dpo.py")
-    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) if uses_teacher(config) else None
+    served = server is not None and uses_teacher(config)  # models.teacher: its tokenizer only
+    teacher = load_causal_lm(config["models"]["teacher"], config, trainable=False) \
+        if uses_teacher(config) and not served else None
     student = load_causal_lm(config["models"]["student"], config)
     for model_name, model in (("student", student), ("teacher", teacher)):
         if model is not None and output_vocab_size(model) < vocab_size:
             raise ConfigError(f"the {model_name}'s output head has {output_vocab_size(model)} rows, fewer than the "
                               f"{vocab_size} tokens of the tokenizer. Use the tokenizer that was trained with the model.")
+    teacher_signal = InProcessTeacher(teacher) if teacher is not None else None
+    if served:  # the top-k of every row the student trains on, from the server (teacher_signal.ServedTopK)
+        teacher_signal = ServedTopK(server, vocab_size, config["distillation"]["temperature"],
+                                    config["teacher_server"]["prefetch"], checks)
     trainer = PreferenceTrainer(
         model=student,
-        teacher_signal=InProcessTeacher(teacher) if teacher is not None else None,
+        teacher_signal=teacher_signal,
         distillation=config["distillation"],
         vocab_size=vocab_size,
         preference=preference,

@@ -4,7 +4,8 @@ assistant turn), building pairs for prompts once (chosen: the teacher's sample, 
 into output_dir/pairs.jsonl, tokenizing pairs, collating them, and the starting student's log-probabilities that
 DPO's reference term reads.
 
-pairs.jsonl: a first line {"settings": {...}} (what made the pairs: models, data, sampling), then one pair per line
+pairs.jsonl: a first line {"settings": {...}} (what made the pairs: models, a teacher server's url and model, data,
+sampling), then one pair per line
 {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}. A rerun with the same
 settings reuses it, an interrupted build continues from its last complete batch (each batch samples with a seed of
 its own, so the pairs do not depend on where a build stopped), and different settings are refused.
@@ -103,10 +104,12 @@ def load_rows(data_config: dict, name: str | None = None, split: str | None = No
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def pair_settings(config: dict, rows: int) -> dict:
-    """What makes a pairs.jsonl: two runs with the same settings get the same pairs, and reuse them."""
+def pair_settings(config: dict, rows: int, served: dict | None = None) -> dict:
+    """What makes a pairs.jsonl: two runs with the same settings get the same pairs, and reuse them. `served`: the
+    {url, model} of the server that samples the chosen answers (None: the teacher in this process)."""
     data, pairs = config["dataset"], config["pairs"]
     return {"teacher": str(config["models"]["teacher"]), "student": str(config["models"]["student"]),
+            **({"teacher_server": dict(served)} if served else {}),
             "dataset": str(data["name"]), "split": data.get("split"), "format": data.get("format"),
             "seed": data["seed"], "num_samples": data.get("num_samples"), "system_prompt": data.get("system_prompt"),
             "chat_template": hashlib.sha256(str(config["tokenizer"]["chat_template"]).encode()).hexdigest()[:16],
@@ -148,12 +151,22 @@ def batch_seed(seed: int, batch: int) -> int:
     return random.Random(f"pairs:{seed}:{batch}").getrandbits(63)
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of one prompt's served answer (a request's own seed): the same whatever the batch."""
+    return random.Random(f"pairs:{seed}:row:{row}").getrandbits(63)
+
+
 def build_pairs(path: str, settings: dict, prompts: list[list[dict]], tokenizer, teacher, student,
                 vocab_size: int, device) -> list[dict]:
     """Sample a chosen (teacher) and a rejected (starting student) answer for every prompt, batch by batch, appending
     each finished batch to `path` (written with its settings first); a partial file with the same settings is
-    continued from its last complete batch. Returns every pair."""
+    continued from its last complete batch. Returns every pair.
+
+    `teacher` is a model in this process, or a served_teacher.ServedTeacher: the server then samples each chosen
+    answer from the prompt's token ids with the same temperature, top_p, length and stop tokens, and a seed per
+    prompt (`row_seed`), and the teacher's weights are never loaded here."""
     from on_policy import end_of_turn_id, sample_completions
+    from served_teacher import ServedTeacher
 
     sampling = settings["sampling"]
     size = sampling["batch_size"]
@@ -180,8 +193,14 @@ def build_pairs(path: str, settings: dict, prompts: list[list[dict]], tokenizer,
         new_tokens = max(1, min(sampling["max_new_tokens"], max_length - width))
         seed = batch_seed(sampling["seed"], start // size)
         draw = {"sampling_temperature": sampling["temperature"], "top_p": sampling["top_p"]}  # on_policy's key names
-        answers = [sample_completions(model, input_ids, mask, draw, stop_ids, pad, vocab_size, seed, new_tokens)
-                   for model in (teacher, student)]
+        if isinstance(teacher, ServedTeacher):
+            chosen = teacher.sample_rows(ids, [row_seed(sampling["seed"], start + row) for row in range(len(ids))],
+                                         max_tokens=new_tokens, temperature=sampling["temperature"],
+                                         top_p=sampling["top_p"], stop_ids=stop_ids)
+        else:
+            chosen = sample_completions(teacher, input_ids, mask, draw, stop_ids, pad, vocab_size, seed, new_tokens)
+        answers = [chosen, sample_completions(student, input_ids, mask, draw, stop_ids, pad, vocab_size, seed,
+                                              new_tokens)]
         with open(path, "a", encoding="utf-8") as handle:
             for messages, chosen, rejected in zip(batch, *answers):
                 pair = {"prompt": messages, "chosen": [_assistant(chosen, stop_ids, tokenizer)],

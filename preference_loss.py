@@ -186,6 +186,9 @@ def answer_skews(counted: torch.Tensor, head: torch.nn.Module, transform: tuple[
     positions, and their sums per side for the log and the anchor: {"gap/chosen", "gap/rejected", "skew/chosen",
     "skew/rejected"} (sums over this micro-batch's pairs). Both models' log-probabilities of the answer tokens come
     from TRL's chunked kernel, without gradients (the skew is a coefficient, not a path for gradients)."""
+    if not hasattr(teacher, "hidden"):
+        # The gap needs log p(y_i) of every answer token; a top-k holds it only when the token is among the k.
+        raise ValueError("the adaptive skew needs the teacher's hidden states (an in-process teacher), not a top-k")
     pairs = mask.shape[0] // 2
     rows = mask.nonzero()[:, 0]
     tokens = mask.sum(-1).clamp(min=1)
@@ -207,37 +210,48 @@ def answer_skews(counted: torch.Tensor, head: torch.nn.Module, transform: tuple[
                             "skew/chosen": skew_chosen.sum(), "skew/rejected": skew_rejected.sum()})
 
 
+def teacher_part(teacher, part: slice) -> dict:
+    """losses.chunked_distillation_loss's teacher arguments for some of the counted positions: the teacher's hidden
+    states there (teacher_signal.TeacherHidden, an in-process teacher) or its top-k there (teacher_signal.TopK, a
+    served teacher: KD over the k ids plus one bucket for the rest, as distil_logits.py trains from a server)."""
+    arguments = teacher.kernel_teacher()
+    if arguments["stored_topk"] is not None:
+        arguments["stored_topk"] = tuple(tensor[part] for tensor in arguments["stored_topk"])
+    else:
+        arguments["teacher_hidden"] = arguments["teacher_hidden"][part]
+    return arguments
+
+
 def preference_student_loss(hidden: torch.Tensor, head: torch.nn.Module, transform: tuple[float, float | None], *,
                             labels: torch.Tensor, teacher, reference_log_probs: torch.Tensor | None,
                             terms: PreferenceTerms) -> dict:
     """The loss and its logged parts for the student's final hidden states (2P, seq, H) and head, against the
-    teacher's answer (teacher_signal.TeacherHidden at the counted positions, or None) and, for dpo_kd, the starting
-    student's summed log-probabilities (2P,). Returns {loss (with gradients), and detached parts}."""
+    teacher's answer (teacher_signal.TeacherHidden at the counted positions, or a served teacher's teacher_signal.TopK
+    there, or None) and, for dpo_kd, the starting student's summed log-probabilities (2P,). Returns {loss (with
+    gradients), and detached parts}."""
     mask = next_token_mask(labels)
     pairs = labels.shape[0] // 2
     counted = hidden[:, :-1][mask]
     targets = labels[:, 1:][mask]
     # Counted positions run row by row, so the chosen rows' positions come first.
     chosen_count = int(mask[:pairs].sum())
-    teacher_kwargs = {}
-    if teacher is not None:
-        teacher_kwargs = {"teacher_head": teacher.head, "teacher_transform": teacher.transform}
     kernel = dict(temperature=terms.temperature, vocab_size=terms.vocab_size, student_transform=transform,
-                  memory_budget_mb=terms.memory_budget_mb, ce_weight=0.0, **teacher_kwargs)
-    with gathered_head(head, None if teacher is None else teacher.head):
+                  memory_budget_mb=terms.memory_budget_mb, ce_weight=0.0)
+    chosen_part, rejected_part = slice(0, chosen_count), slice(chosen_count, None)
+    with gathered_head(head, None if teacher is None else teacher.teacher_head()):
         if terms.method == "distillm2":
             skew_chosen, skew_rejected, adaptive = terms.skew_chosen, terms.skew_rejected, {}
             if terms.adaptive_skew:
                 skew_chosen, skew_rejected, adaptive = answer_skews(counted, head, transform, teacher, targets, mask,
                                                                     terms)
             chosen_loss, chosen_kl, _ = losses.chunked_distillation_loss(
-                counted[:chosen_count], head, teacher.hidden[:chosen_count], targets=targets[:chosen_count],
-                kd_weight=2 - terms.mix, num_items_in_batch=terms.chosen_tokens, divergence="skew_forward_kl",
-                skew=skew_chosen, **kernel)
+                counted[chosen_part], head, targets=targets[chosen_part], kd_weight=2 - terms.mix,
+                num_items_in_batch=terms.chosen_tokens, divergence="skew_forward_kl", skew=skew_chosen,
+                **teacher_part(teacher, chosen_part), **kernel)
             rejected_loss, rejected_kl, _ = losses.chunked_distillation_loss(
-                counted[chosen_count:], head, teacher.hidden[chosen_count:], targets=targets[chosen_count:],
-                kd_weight=terms.mix, num_items_in_batch=terms.rejected_tokens, divergence="skew_reverse_kl",
-                skew=skew_rejected, **kernel)
+                counted[rejected_part], head, targets=targets[rejected_part], kd_weight=terms.mix,
+                num_items_in_batch=terms.rejected_tokens, divergence="skew_reverse_kl", skew=skew_rejected,
+                **teacher_part(teacher, rejected_part), **kernel)
             return {"loss": chosen_loss + rejected_loss, "chosen_kl": chosen_kl, "rejected_kl": rejected_kl,
                     **adaptive}
         per_token = response_log_probs(counted, head, transform, targets)
@@ -250,9 +264,9 @@ def preference_student_loss(hidden: torch.Tensor, head: torch.nn.Module, transfo
         loss, kd_loss = dpo_loss, dpo_loss.new_zeros(())
         if terms.alpha and teacher is not None:
             kd_part, kd_loss, _ = losses.chunked_distillation_loss(
-                counted[:chosen_count], head, teacher.hidden[:chosen_count], targets=targets[:chosen_count],
-                kd_weight=terms.alpha, num_items_in_batch=terms.chosen_tokens, divergence=terms.divergence,
-                beta=terms.jsd_beta, skew=terms.skew, **kernel)
+                counted[chosen_part], head, targets=targets[chosen_part], kd_weight=terms.alpha,
+                num_items_in_batch=terms.chosen_tokens, divergence=terms.divergence, beta=terms.jsd_beta,
+                skew=terms.skew, **teacher_part(teacher, chosen_part), **kernel)
             loss = loss + kd_part
     return {"loss": loss, "dpo_loss": dpo_loss.detach(), "kd_loss": kd_loss,
             "rewards/chosen": chosen_reward.sum(), "rewards/rejected": rejected_reward.sum(),

@@ -233,6 +233,31 @@ class ServedTeacher:
         finally:
             self.teacher_wait_s += time.perf_counter() - start
 
+    def sample(self, row: list[int], max_tokens: int, temperature: float, top_p: float, seed: int,
+               stop_ids: list[int]) -> list[int]:
+        """One completion of the token-id row `row`, sampled by the server (temperature, top_p, the request's own
+        `seed`, so that a rerun draws the same tokens): its token ids, ending with the stop token when one was drawn
+        (vLLM's `return_token_ids`). distil_dpo.py's chosen answers."""
+        body = {"prompt": list(row), "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                "seed": seed, "stop_token_ids": list(stop_ids), "return_token_ids": True, **self._model_field()}
+        status, data, wire_bytes = self._call("POST", "/v1/completions", body)
+        if status != 200:
+            raise TeacherServerError(f"teacher server {self.url} refused to sample after a prompt of {len(row)} "
+                                     f"tokens: HTTP {status}: {_server_message(data)}")
+        tokens = json.loads(data)["choices"][0].get("token_ids")
+        if tokens is None:
+            raise TeacherServerError(f"teacher server {self.url} answered a completion without its token_ids: it "
+                                     "does not take vLLM's return_token_ids (vLLM 0.10 or newer does).")
+        with self._lock:
+            self.requests += 1
+            self.wire_bytes += wire_bytes
+        return [int(token) for token in tokens]
+
+    def sample_rows(self, rows: list[list[int]], seeds: list[int], **sampling) -> list[list[int]]:
+        """`sample` for each row with its own seed, concurrently; the completions in the rows' order."""
+        futures = [self._pool.submit(self.sample, list(row), seed=seed, **sampling) for row, seed in zip(rows, seeds)]
+        return [future.result() for future in futures]
+
     def top_k_rows(self, rows: list[list[int]]) -> list[PromptTopK]:
         """`wait(submit(rows))`."""
         return self.wait(self.submit(rows))
@@ -512,16 +537,13 @@ def run_startup_checks(teacher: ServedTeacher, student_vocab_size: int, texts: l
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# distil_logits.py's `teacher_server` block
+# The scripts' `teacher_server` block (distil_logits.py, distil_dpo.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_teacher_server(config: dict) -> None:
-    """The teacher_server block's values and its combinations with the rest of the config (validate_config's step),
-    before anything is loaded or written."""
-    server = config["teacher_server"]
-    if server["url"] is None:
-        return
+def check_server_block(server: dict) -> None:
+    """The values of a `teacher_server` block with a url (distil_logits.py's and distil_dpo.py's), before anything is
+    loaded or written."""
     if not isinstance(server["url"], str) or not server["url"].startswith(("http://", "https://")):
         raise ConfigError(f"teacher_server.url must be null or an http(s) URL such as http://127.0.0.1:8000, got "
                           f"{server['url']!r}.")
@@ -537,6 +559,15 @@ def check_teacher_server(config: dict) -> None:
     if server["api_key_env"] and server["api_key_env"] not in os.environ:
         raise ConfigError(f"teacher_server.api_key_env names the environment variable {server['api_key_env']}, which "
                           "is not set: export it with the server's --api-key (the key never goes in the config).")
+
+
+def check_teacher_server(config: dict) -> None:
+    """The teacher_server block's values and its combinations with the rest of the config (validate_config's step),
+    before anything is loaded or written."""
+    server = config["teacher_server"]
+    if server["url"] is None:
+        return
+    check_server_block(server)
     distillation, offline = config["distillation"], config["offline"]
     if distillation["alpha"] == 0:
         raise ConfigError("teacher_server.url is set but distillation.alpha is 0 (plain SFT asks no teacher); set "
@@ -561,15 +592,16 @@ def check_teacher_server(config: dict) -> None:
                           "sequence, across its documents).")
 
 
-def served_teacher_from_config(config: dict, tokenizer, max_workers: int = 8) -> tuple[ServedTeacher, dict]:
-    """The client of config["teacher_server"], and run_startup_checks's keyword arguments for it: the first rendered
-    rows of the dataset and the student tokenizer's ids of them."""
+def served_teacher_from_config(config: dict, tokenizer, max_workers: int = 8,
+                               texts: list[str] | None = None) -> tuple[ServedTeacher, dict]:
+    """The client of config["teacher_server"], and run_startup_checks's keyword arguments for it: `texts` (default: the
+    first rendered rows of the dataset) and the student tokenizer's ids of them."""
     from data import rendered_texts
 
     server = config["teacher_server"]
     teacher = ServedTeacher(server["url"], model=server["model"], top_k=server["top_k"],
                             api_key=os.environ[server["api_key_env"]] if server["api_key_env"] else None,
                             timeout_s=server["timeout_s"], max_retries=server["max_retries"], max_workers=max_workers)
-    texts = rendered_texts(config["dataset"], tokenizer, rows=4)
+    texts = rendered_texts(config["dataset"], tokenizer, rows=4) if texts is None else texts
     student_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return teacher, {"texts": texts, "student_ids": student_ids, "max_length": config["tokenizer"]["max_length"]}
