@@ -261,6 +261,20 @@ def student_weights(model_wrapped: torch.nn.Module, accelerator, zero3: bool) ->
         return copy()
 
 
+def exit_on_sigterm():
+    """While a local server runs, SIGTERM (what a scheduler or a launcher sends a process it stops) raises SystemExit in
+    the main thread instead of killing it outright, so that the caller's `finally` stops the server's processes (and
+    deletes the student's copy in /dev/shm). Only where SIGTERM still has its default action; returns the handler to
+    restore, or None where nothing was changed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, raise_exit)
+
+
 class LocalVllmServer:
     """A vLLM server of the student on a free port of 127.0.0.1, started by scripts/serve_student.sh in its own
     process group from .venv-vllm, its output in `log_path`; `stop` ends the whole group."""
@@ -298,20 +312,6 @@ class LocalVllmServer:
             probe.close()
         self.start_s = time.monotonic() - start
         self._previous_sigterm = exit_on_sigterm()
-
-
-def exit_on_sigterm():
-    """While a local server runs, SIGTERM (what a scheduler or a launcher sends a process it stops) raises SystemExit in
-    the main thread instead of killing it outright, so that the caller's `finally` stops the server's processes (and
-    deletes the student's copy in /dev/shm). Only where SIGTERM still has its default action; returns the handler to
-    restore, or None where nothing was changed."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return None
-
-    def raise_exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, raise_exit)
 
     def last_line(self) -> str:
         with open(self.log_path, errors="replace") as log:
