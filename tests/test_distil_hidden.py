@@ -192,6 +192,31 @@ def test_same_next_token_on_real_tokenizers_compares_tokens_with_the_same_text(a
     assert kept_pairs >= 5 and dropped_pairs >= 5  # both cases occur with these tokenizers
 
 
+def test_defaults_across_tokenizers_compare_only_states_that_predict_the_same_text(assets, hidden_assets):
+    """At distil_hidden.py's default settings, with two tokenizers and two templates, the trainer compares a pair of
+    states only where both predict the same next text (docs/hidden-states.md: comparing a state that predicts " pan"
+    with one that predicts " pancakes", or two templates' end-of-turn markers, made hidden KD lose to SFT); with one
+    tokenizer it still compares every position whose next token is trained."""
+    from types import SimpleNamespace
+
+    student = AutoTokenizer.from_pretrained(hidden_assets["student_b"])
+    teacher = AutoTokenizer.from_pretrained(assets["tokenizer"])
+    student.chat_template = LLAMA3_TEMPLATE
+    rows = [tokenize_row_pair(row, student, teacher, "sharegpt", 128) for row in CONVERSATIONS[:3]]
+    batch = PairedCollator(student.pad_token_id, teacher.pad_token_id)(rows)
+    defaults = SimpleNamespace(distillation=distil_hidden.config["distillation"])
+    row_index, student_positions, teacher_positions = distil_hidden.HiddenStatesTrainer.aligned_positions(defaults, batch)
+    assert 5 <= row_index.numel() < (batch["student_positions"] >= 0).sum()  # some pairs compared, some left out
+    for r, s, t in zip(row_index.tolist(), student_positions.tolist(), teacher_positions.tolist()):
+        assert student.decode(batch["input_ids"][r, s + 1]) == teacher.decode(batch["teacher_input_ids"][r, t + 1])
+
+    shared = [tokenize_row(row, teacher, "sharegpt", 128) for row in CONVERSATIONS[:3]]
+    labels = torch.nn.utils.rnn.pad_sequence([torch.tensor(row["labels"]) for row in shared], batch_first=True,
+                                             padding_value=-100)
+    row_index, positions, same = distil_hidden.HiddenStatesTrainer.aligned_positions(defaults, {"labels": labels})
+    assert torch.equal(positions, same) and row_index.numel() == int((labels[:, 1:] != -100).sum())
+
+
 def test_alignment_without_common_boundary_inside_the_span():
     text = "Q:\nabcd"
     span = [(3, 7)]
@@ -291,6 +316,15 @@ def test_rms_teacher_norm_matches_the_formula_and_is_scale_free():
         hidden_state_loss(student, teacher, "mse", teacher_norm="layer")
 
 
+def test_linear_decay_schedule_ends_as_plain_ce():
+    """alpha_schedule linear_decay: the hidden term's weight starts at alpha, never rises, and reaches 0 at the last
+    step, so the run ends optimising CE alone; constant keeps alpha throughout."""
+    weights = [distil_hidden.scheduled_alpha(0.5, "linear_decay", step, 30) for step in range(31)]
+    assert weights[0] == 0.5 and weights[-1] == 0 and all(a >= b for a, b in zip(weights, weights[1:]))
+    assert weights[15] == pytest.approx(0.25)
+    assert {distil_hidden.scheduled_alpha(0.5, "constant", step, 30) for step in range(31)} == {0.5}
+
+
 def test_student_renders_as_in_distil_logits_by_default():
     """The two scripts train the same student on the same rendering unless told otherwise: with a student whose
     tokenizer has its own template, distil_logits.py (chat_template ChatML) and distil_hidden.py used to train on
@@ -325,9 +359,12 @@ def test_cross_architecture_cross_tokenizer_end_to_end(assets, hidden_assets, tm
     train_logs = [log for log in logs if "hidden_loss" in log]
     eval_logs = [log for log in logs if "eval_hidden_loss" in log]
     assert len(train_logs) == 3 and eval_logs
-    for log in train_logs:
+    # One log per optimizer step; step k (0-based) weighs the two terms with the scheduled alpha of step k.
+    distillation = config["distillation"]
+    for step, log in enumerate(train_logs):
         assert math.isfinite(log["loss"]) and log["hidden_loss"] > 0 and log["ce_loss"] > 0 and log["kd_loss"] == 0
-        assert log["loss"] == pytest.approx(0.5 * log["hidden_loss"] + 0.5 * log["ce_loss"], rel=1e-4)
+        alpha = distil_hidden.scheduled_alpha(distillation["alpha"], distillation["alpha_schedule"], step, 3)
+        assert log["loss"] == pytest.approx(alpha * log["hidden_loss"] + (1 - alpha) * log["ce_loss"], rel=1e-4)
     assert all(math.isfinite(log["eval_hidden_loss"]) and log["eval_ce_loss"] > 0 for log in eval_logs)
 
     out = config["training"]["output_dir"]
@@ -506,6 +543,7 @@ LONG_PREAMBLE = "<|im_start|>system\n" + "Think step by step before you answer. 
     (lambda c, h, t: c["distillation"].update(layer_map=[[3, 1]]), "names student layer 3, but the student has 2"),
     (lambda c, h, t: c["distillation"].update(loss="l1"), "unknown hidden-state loss 'l1'"),
     (lambda c, h, t: c["distillation"].update(teacher_norm="layer"), "unknown distillation.teacher_norm 'layer'"),
+    (lambda c, h, t: c["distillation"].update(alpha_schedule="cosine"), "unknown distillation.alpha_schedule 'cosine'"),
     (lambda c, h, t: c["distillation"].update(positions="all"), "unknown distillation.positions 'all'"),
     (lambda c, h, t: c["distillation"].update(kd_weight=0.5), "kd_weight > 0 needs teacher and student to share"),
     (lambda c, h, t: c["models"].update(teacher=teacher_without_offsets(h, t)), "not a fast tokenizer"),
