@@ -402,6 +402,19 @@ def test_cross_architecture_cross_tokenizer_end_to_end(assets, hidden_assets, tm
     assert f"- Teacher: `{assets['teacher']}`" in card and "hidden-state distillation: loss = 0.5 * mse" in card
 
 
+def test_linear_decay_weighs_each_step_with_its_scheduled_alpha(assets, hidden_assets, tmp_path):
+    """alpha_schedule linear_decay reaches the loss: the logged loss of step k is a_k * hidden + (1 - a_k) * CE with
+    a_k = alpha * (1 - k / max_steps), so 0.5, 1/3 and 1/6 over three steps (a constant alpha would fail this)."""
+    config = hidden_config(assets, hidden_assets, str(tmp_path / "out"), alpha_schedule="linear_decay")
+    config["dataset"]["eval_size"] = 0
+    config["training"].update(save_strategy="no")
+    train_logs = [log for log in distil_hidden.main(config).state.log_history if "hidden_loss" in log]
+    assert len(train_logs) == 3
+    for log, alpha in zip(train_logs, (0.5, 1 / 3, 1 / 6)):
+        assert log["hidden_loss"] > 0 and log["ce_loss"] > 0
+        assert log["loss"] == pytest.approx(alpha * log["hidden_loss"] + (1 - alpha) * log["ce_loss"], rel=1e-4)
+
+
 def test_resume_restores_the_projections(assets, hidden_assets, tmp_path):
     def run(out, resume=None):
         config = hidden_config(assets, hidden_assets, out, layer_map=[[2, 3]], loss="cosine")
