@@ -22,7 +22,9 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
   the student's hidden size to the teacher's.
 - d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
   cosine = 1 - cosine similarity. With `teacher_norm: rms` (default) each teacher state is first divided by its
-  root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale.
+  root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale;
+  `teacher_norm: unit` standardises each teacher unit over the batch's compared positions instead (a few huge units
+  of a pretrained teacher then no longer make up the whole target).
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
   positions where both tokenizations end a token at the same character of a trained span (alignment.py) and, with
   `positions: same_next_token` (default), whose next token also ends at the same character after the same text on
@@ -98,7 +100,7 @@ config = {
     "distillation": {
         "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
         "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
-        "teacher_norm": "rms",  # rms: teacher states divided by their RMS unit (mse ~1 at init, any model) | none: raw
+        "teacher_norm": "rms",  # rms: teacher states divided by their RMS unit (mse ~1 at init, any model) | unit: each unit standardised over the batch | none: raw
         "positions": "same_next_token",  # two tokenizers: same_next_token (both predict the same text) | aligned (every pair)
         "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
         "alpha_schedule": "constant",  # constant | linear_decay: alpha falls linearly to 0 at the last step (ends as CE)

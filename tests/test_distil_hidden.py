@@ -316,6 +316,27 @@ def test_rms_teacher_norm_matches_the_formula_and_is_scale_free():
         hidden_state_loss(student, teacher, "mse", teacher_norm="layer")
 
 
+def test_unit_teacher_norm_standardises_each_unit_so_no_massive_unit_dominates():
+    """teacher_norm unit: each teacher unit is standardised over the compared positions. A pretrained teacher's
+    residual stream has a few units hundreds of times larger than the rest (SmolLM2's: RMS 2.7 to 17.8 per block,
+    most of it in a few units): with rms, the target is then almost only those units, which a student matches without
+    learning anything of the task; with unit every unit weighs the same, whatever its scale or offset."""
+    torch.manual_seed(0)
+    student = [torch.randn(40, 8)]
+    teacher = torch.randn(40, 8)
+    massive = teacher.clone()
+    massive[:, 0] = 500 + 50 * massive[:, 0]  # one huge unit with a large offset, as in real models
+    expected = (teacher - teacher.mean(0)) / teacher.var(0, unbiased=False).add(1e-6).sqrt()
+    mse = ((student[0] - expected) ** 2).mean(-1).sum() / 40
+    torch.testing.assert_close(hidden_state_loss(student, [teacher], "mse", teacher_norm="unit"), mse)
+    # The massive unit changes nothing else: the other units' targets are the same, unit 0's is standardised.
+    torch.testing.assert_close(hidden_state_loss(student, [massive], "mse", teacher_norm="unit"),
+                               hidden_state_loss(student, [teacher], "mse", teacher_norm="unit"), rtol=1e-4, atol=1e-5)
+    # With rms the same unit makes the other seven units' targets nearly 0: the loss no longer sees them.
+    rms_target = massive / massive.pow(2).mean(-1, keepdim=True).sqrt()
+    assert rms_target[:, 1:].abs().max() < 0.05 and rms_target[:, 0].abs().min() > 2
+
+
 def test_linear_decay_schedule_ends_as_plain_ce():
     """alpha_schedule linear_decay: the hidden term's weight starts at alpha, never rises, and reaches 0 at the last
     step, so the run ends optimising CE alone; constant keeps alpha throughout."""
