@@ -21,10 +21,10 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
   models' hidden states after those blocks at aligned position k; P_l is the pair's trained linear projection from
   the student's hidden size to the teacher's.
 - d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
-  cosine = 1 - cosine similarity. With `teacher_norm: rms` (default) each teacher state is first divided by its
-  root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale;
-  `teacher_norm: unit` standardises each teacher unit over the batch's compared positions instead (a few huge units
-  of a pretrained teacher then no longer make up the whole target).
+  cosine = 1 - cosine similarity. With `teacher_norm: rms` (the default `auto` with one tokenizer) each teacher
+  state is first divided by its root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale;
+  `teacher_norm: unit` (`auto` with two tokenizers) standardises each teacher unit over the batch's compared
+  positions instead (a few huge units of a pretrained teacher then no longer make up the whole target).
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
   positions where both tokenizations end a token at the same character of a trained span (alignment.py) and, with
   `positions: same_next_token` (default), whose next token also ends at the same character after the same text on
@@ -100,7 +100,7 @@ config = {
     "distillation": {
         "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
         "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
-        "teacher_norm": "rms",  # rms: teacher states divided by their RMS unit (mse ~1 at init, any model) | unit: each unit standardised over the batch | none: raw
+        "teacher_norm": "auto",  # auto: unit across tokenizers, rms with one | rms: divided by their RMS unit | unit: each unit standardised over the batch | none: raw
         "positions": "same_next_token",  # two tokenizers: same_next_token (both predict the same text) | aligned (every pair)
         "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
         "alpha_schedule": "constant",  # constant | linear_decay: alpha falls linearly to 0 at the last step (ends as CE)
@@ -142,6 +142,14 @@ HIDDEN_POSITIONS = ("same_next_token", "aligned")  # distillation.positions
 ALPHA_SCHEDULES = ("constant", "linear_decay")  # distillation.alpha_schedule
 
 
+def resolved_teacher_norm(setting: str, shared_tokenizer: bool) -> str:
+    """distillation.teacher_norm as losses.hidden_state_loss takes it: `auto` is `unit` across tokenizers (measured
+    below SFT on 8 of 9 runs of three tasks, docs/hidden-states.md) and `rms` with one tokenizer, as before."""
+    if setting == "auto":
+        return "rms" if shared_tokenizer else "unit"
+    return setting
+
+
 def scheduled_alpha(alpha: float, schedule: str, step: int, max_steps: int) -> float:
     """The hidden term's weight at optimizer step `step` (0-based) of `max_steps`: alpha throughout (constant), or
     alpha * (1 - step / max_steps) (linear_decay), so that the last steps are nearly plain CE."""
@@ -177,9 +185,9 @@ def check_distillation(config: dict) -> None:
         raise ConfigError(f"distillation.kd_weight must be >= 0, got {distillation['kd_weight']} (0 turns the logit term off).")
     if distillation["loss"] not in HIDDEN_LOSSES:
         raise ConfigError(f"unknown hidden-state loss '{distillation['loss']}'; choose one of {', '.join(HIDDEN_LOSSES)}.")
-    if distillation["teacher_norm"] not in TEACHER_NORMS:
+    if distillation["teacher_norm"] not in ("auto", *TEACHER_NORMS):
         raise ConfigError(f"unknown distillation.teacher_norm '{distillation['teacher_norm']}'; choose one of "
-                          f"{', '.join(TEACHER_NORMS)}.")
+                          f"auto, {', '.join(TEACHER_NORMS)}.")
     if distillation["alpha_schedule"] not in ALPHA_SCHEDULES:
         raise ConfigError(f"unknown distillation.alpha_schedule '{distillation['alpha_schedule']}'; choose one of "
                           f"{', '.join(ALPHA_SCHEDULES)}.")
@@ -209,6 +217,7 @@ class HiddenStatesTrainer(DistillationTrainer):
     def __init__(self, *args, projections=None, layer_pairs=(), shared_tokenizer: bool, **kwargs):
         super().__init__(*args, projections_attribute=PROJECTIONS_ATTRIBUTE, **kwargs)
         self.shared_tokenizer = shared_tokenizer
+        self.teacher_norm = resolved_teacher_norm(self.distillation["teacher_norm"], shared_tokenizer)
         self.projections = projections
         self.layer_pairs = list(layer_pairs)
         # Only the mapped layers are recorded (the others come back as None): no model keeps every layer's states.
@@ -282,7 +291,7 @@ class HiddenStatesTrainer(DistillationTrainer):
             hidden_loss = hidden_state_loss(
                 outputs["projected_hidden"],
                 [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
-                loss=distillation["loss"], num_positions=aligned_in_step, teacher_norm=distillation["teacher_norm"],
+                loss=distillation["loss"], num_positions=aligned_in_step, teacher_norm=self.teacher_norm,
             )
         del teacher_hidden
         # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
