@@ -122,6 +122,8 @@ def describe_method(config: dict) -> str:
         text = (f"hidden-state distillation: loss = {distillation['alpha']} * {distillation['loss']} between projected "
                 f"student and teacher hidden states (layer map {distillation['layer_map']}) + "
                 f"{1 - distillation['alpha']:g} * CE")
+        if distillation.get("alpha_schedule") == "linear_decay":
+            text += ", alpha falling linearly to 0 by the last step"
         return text + (f" + {distillation['kd_weight']} * logit KD, {kd}" if distillation.get("kd_weight") else "")
     alpha = distillation["alpha"]
     offline = (config.get("offline") or {}).get("mode")

@@ -24,7 +24,7 @@ from heads import full_head_tensors, transform_logits_
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 HIDDEN_LOSSES = ("mse", "cosine")
-TEACHER_NORMS = ("rms", "none")  # hidden_state_loss: what the teacher's states are divided by before the loss
+TEACHER_NORMS = ("rms", "none", "unit")  # hidden_state_loss: what the teacher's states are divided by before the loss
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference formulas
@@ -186,7 +186,9 @@ def hidden_state_loss(
 
     teacher_norm "rms" divides each teacher state by its root mean square unit first, t / sqrt(mean_j t_j^2 + 1e-6):
     the mse is then scale-free (1 for a student that outputs zeros, whatever the teacher's layer or model size), so
-    it neither dwarfs nor vanishes against the CE. "none" compares the raw states. Cosine ignores it (scale-free).
+    it neither dwarfs nor vanishes against the CE. "unit" standardises each teacher unit over the n compared positions
+    instead, (t_j - mean_k t_kj) / sqrt(var_k t_kj + 1e-6): every unit weighs the same, where with "rms" a pretrained
+    teacher's few huge units make up nearly the whole target. "none" compares the raw states. Cosine ignores it (scale-free).
     """
     if teacher_norm not in TEACHER_NORMS:
         raise ConfigError(f"unknown teacher_norm '{teacher_norm}'; choose one of {', '.join(TEACHER_NORMS)}.")
@@ -195,6 +197,8 @@ def hidden_state_loss(
         projected, target = projected.float(), target.to(projected.device).float()
         if teacher_norm == "rms":
             target = target * torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + 1e-6)
+        elif teacher_norm == "unit":  # each hidden unit standardised over the compared positions of the batch
+            target = (target - target.mean(0, keepdim=True)) * torch.rsqrt(target.var(0, unbiased=False, keepdim=True) + 1e-6)
         if loss == "mse":
             total = total + (projected - target).pow(2).mean(-1).sum()
         elif loss == "cosine":

@@ -397,7 +397,7 @@ def full_rows(paths: dict, student_setup: dict, kd, kd_cross_entropy: float) -> 
     llama, hidden = demo["hidden_student"], demo["hidden"]
     offline_row = f"student, logit KD from a top-{top_k} capture (teacher not loaded)"
     llama_sft_row = f"Llama student ({llama['hidden_size']} x {llama['num_hidden_layers']}), SFT"
-    llama_hidden_row = (f"Llama student, hidden-state KD ({hidden['loss']} on {distil_hidden.config['distillation']['teacher_norm']}"
+    llama_hidden_row = (f"Llama student, hidden-state KD ({hidden['loss']} on {distil_hidden.resolved_teacher_norm(distil_hidden.config['distillation']['teacher_norm'], True)}"
                         f"-normalised teacher states, {hidden['layer_map']} layer map, alpha {hidden['alpha']})")
     b_sft_row, b_hidden_row = "Llama student on tokenizer B, SFT *", "Llama student on tokenizer B, hidden-state KD *"
     cross_rows = {method: f"Llama student on tokenizer B, logit KD across tokenizers (`{method}`) *"
