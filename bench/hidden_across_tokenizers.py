@@ -20,7 +20,9 @@ Tasks (each with a student on a tokenizer other than its teacher's; one task per
 - xtok_same: the control with one tokenizer: xtok's Llama student on the teacher's tokenizer and ChatML.
 
 Variants: `sft` (distil_logits.py, alpha 0), `hidden` (distil_hidden.py at its defaults), or `hidden:key=value,...`
-(distillation keys, values read as JSON). The seed sets the data order and the projections' initialisation; the
+(distillation keys, values read as JSON). `sft:lr_scale=1.03` is SFT at 1.03 times the task's learning rate: a change
+that should neither help nor hurt, so its ratio to SFT measures how far one seed's result moves by chance (the noise
+floor against which a per-seed ratio of hidden KD is read). The seed sets the data order and the projections' initialisation; the
 students' initial weights are the task's. Results accumulate in bench/output/hidden_xtok/results.json.
 """
 
@@ -120,8 +122,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
             values[key] = json.loads(value)
         except json.JSONDecodeError:
             values[key] = value
-    if name not in ("sft", "hidden"):
-        raise SystemExit(f"unknown variant {text!r}: sft, hidden or hidden:key=value,...")
+    if name not in ("sft", "hidden") or (name == "sft" and set(values) - {"lr_scale"}):
+        raise SystemExit(f"unknown variant {text!r}: sft, sft:lr_scale=x, hidden or hidden:key=value,...")
     return name, values
 
 
@@ -165,6 +167,7 @@ def main() -> None:
             start = time.time()
             if name == "sft":
                 config = make(label, distil_logits, seed, {"alpha": 0.0})
+                config["training"]["learning_rate"] *= overrides.get("lr_scale", 1.0)
                 distil_logits.main(config)
             else:
                 config = make(label, distil_hidden, seed, overrides)
