@@ -23,8 +23,10 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
 - d is `distillation.loss`: mse = mean over the teacher's hidden units of the squared difference, or
   cosine = 1 - cosine similarity. With `teacher_norm: rms` (the default `auto` with one tokenizer) each teacher
   state is first divided by its root mean square unit, so the mse is 1 for a student that outputs zeros, whatever the teacher's layer or scale;
-  `teacher_norm: unit` (`auto` with two tokenizers) standardises each teacher unit over the batch's compared
-  positions instead (a few huge units of a pretrained teacher then no longer make up the whole target).
+  `teacher_norm: unit` (`auto` with two tokenizers) standardises each teacher unit instead, with its mean and
+  standard deviation over the compared positions of the first optimizer step (all micro-batches and processes),
+  measured once before the first update and saved with the projections: a few huge units of a pretrained teacher
+  then no longer make up the whole target, and a position's loss does not depend on its micro-batch.
 - Aligned positions: with one tokenizer and template, every position whose next token is trained; with two, the
   positions where both tokenizations end a token at the same character of a trained span (alignment.py) and, with
   `positions: same_next_token` (default), whose next token also ends at the same character after the same text on
@@ -34,6 +36,8 @@ The loss, per optimizer step (losses.py has the reference formulas and the chunk
 - M is the number of aligned positions in the whole optimizer step (all micro-batches and processes).
 - CE and KD are those of distil_logits.py (KD only with a shared tokenizer), normalised by the step's counted tokens.
 """
+
+import os
 
 import torch
 
@@ -63,6 +67,7 @@ from projections import (
     check_layer_map_format,
     load_projections,
     model_shape,
+    projection_key,
     resolve_layer_map,
     save_projections,
 )
@@ -100,7 +105,7 @@ config = {
     "distillation": {
         "layer_map": "uniform",  # uniform: student block s -> teacher block ceil(s*T/S), last to last; or [[s, t], ...]
         "loss": "mse",  # mse: mean squared error per hidden unit | cosine: 1 - cosine similarity (scale-free)
-        "teacher_norm": "auto",  # auto: unit across tokenizers, rms with one | rms: divided by their RMS unit | unit: each unit standardised over the batch | none: raw
+        "teacher_norm": "auto",  # auto: unit across tokenizers, rms with one | rms: divided by their RMS unit | unit: each unit standardised (statistics of the first step) | none: raw
         "positions": "same_next_token",  # two tokenizers: same_next_token (both predict the same text) | aligned (every pair)
         "alpha": 0.5,  # loss = alpha * hidden + (1 - alpha) * CE + kd_weight * KD; alpha = kd_weight = 0 is plain SFT
         "alpha_schedule": "constant",  # constant | linear_decay: alpha falls linearly to 0 at the last step (ends as CE)
@@ -138,6 +143,7 @@ config = {
 }
 
 PROJECTIONS_ATTRIBUTE = "hidden_projections"  # the student's submodule holding the projections during training
+TEACHER_STATS_PREFIX = "teacher_norm."  # teacher_norm unit: its statistics' keys in hidden_projections.safetensors
 HIDDEN_POSITIONS = ("same_next_token", "aligned")  # distillation.positions
 ALPHA_SCHEDULES = ("constant", "linear_decay")  # distillation.alpha_schedule
 
@@ -225,6 +231,7 @@ class HiddenStatesTrainer(DistillationTrainer):
         if self.teacher_signal is not None and self.teacher_signal.head is not None:  # the logit term's final state
             self.teacher_layers = sorted(set(self.teacher_layers) | {self.teacher_signal.final_layer})
         self.aligned_in_step = None
+        self.teacher_stats = None  # teacher_norm unit: per pair (mean, 1 / sqrt(var + 1e-6)), measured at the first step
 
     def aligned_positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, student position, teacher position) of every compared position: the collator's alignment, or, with a
@@ -247,7 +254,49 @@ class HiddenStatesTrainer(DistillationTrainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             aligned = self.accelerator.gather(aligned).sum()
         self.aligned_in_step = aligned
+        if self.teacher_stats is None and self.teacher_norm == "unit" and self.layer_pairs:
+            self.teacher_stats = self.measure_teacher_stats(batch_samples)
         return batch_samples, num_items_in_batch
+
+    def measure_teacher_stats(self, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """teacher_norm unit: each mapped teacher unit's mean and 1 / sqrt(var + 1e-6) over the compared positions of
+        these micro-batches (the first optimizer step's, of all processes together), measured once in float64 and kept
+        for the run, so a position's target does not depend on the micro-batch it is in (accumulation and processes
+        give the loss of one large batch). None when the step compares fewer than 2 positions (measured next step)."""
+        moments = [None] * len(self.layer_pairs)  # per pair: [count, sum of each unit, sum of its squares]
+        with torch.no_grad():
+            for batch in batches:
+                batch = self._prepare_inputs(batch)
+                rows, _, teacher_positions = self.aligned_positions(batch)
+                hidden = self.teacher_hidden_states(batch)
+                for index, (_, teacher_layer) in enumerate(self.layer_pairs):
+                    states = hidden[teacher_layer][rows, teacher_positions].double()
+                    part = torch.cat([states.new_tensor([states.shape[0]]), states.sum(0), states.pow(2).sum(0)])
+                    moments[index] = part if moments[index] is None else moments[index] + part
+                del hidden
+        moments = torch.stack(moments)
+        if self.args.world_size > 1:
+            moments = self.accelerator.reduce(moments, reduction="sum")
+        count = int(moments[0, 0])
+        if count < 2:
+            return None
+        units = (moments.shape[1] - 1) // 2
+        mean = moments[:, 1:1 + units] / count
+        variance = (moments[:, 1 + units:] / count - mean.pow(2)).clamp(min=0)
+        inv_std = torch.rsqrt(variance + 1e-6)
+        print_rank0(f"teacher_norm unit: each teacher unit's mean and standard deviation measured over the {count} "
+                    "compared positions of the first optimizer step; kept for the run, saved with the projections")
+        return [(mean[index].float(), inv_std[index].float()) for index in range(len(self.layer_pairs))]
+
+    def teacher_stats_tensors(self) -> dict[str, torch.Tensor]:
+        """The unit statistics as tensors of hidden_projections.safetensors ('teacher_norm.3_6.mean', ...)."""
+        if self.teacher_stats is None:
+            return {}
+        tensors = {}
+        for (student_layer, teacher_layer), (mean, inv_std) in zip(self.layer_pairs, self.teacher_stats):
+            key = TEACHER_STATS_PREFIX + projection_key(student_layer, teacher_layer)
+            tensors[key + ".mean"], tensors[key + ".inv_std"] = mean.detach().cpu(), inv_std.detach().cpu()
+        return tensors
 
     def teacher_hidden_states(self, inputs: dict) -> tuple:
         """The teacher's hidden states, a tuple indexed by layer with only the mapped layers (and, for the logit term,
@@ -292,6 +341,7 @@ class HiddenStatesTrainer(DistillationTrainer):
                 outputs["projected_hidden"],
                 [teacher_hidden[teacher_layer][rows, teacher_positions] for _, teacher_layer in self.layer_pairs],
                 loss=distillation["loss"], num_positions=aligned_in_step, teacher_norm=self.teacher_norm,
+                teacher_stats=self.teacher_stats,  # None before the first training step: the batch's own statistics
             )
         del teacher_hidden
         # outputs["loss"] = (1 - alpha) * CE + kd_weight * KD, with the gradients of the chunked loss.
@@ -321,15 +371,38 @@ class HiddenStatesTrainer(DistillationTrainer):
             tensors = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
             super()._save(output_dir, {key: value for key, value in state_dict.items() if not key.startswith(prefix)})
         if self.args.should_save:
-            save_projections(tensors, self.layer_pairs, output_dir)
+            save_projections({**tensors, **self.teacher_stats_tensors()}, self.layer_pairs, output_dir)
 
     def load_projections(self, folder: str) -> None:
-        """Restore the projections from folder/hidden_projections.safetensors (a checkpoint or a finished run)."""
+        """Restore the projections (and teacher_norm unit's statistics) from folder/hidden_projections.safetensors (a
+        checkpoint or a finished run)."""
         tensors, layer_pairs = load_projections(folder)
         if layer_pairs != self.layer_pairs:
             raise ConfigError(f"'{folder}' holds projections for the layer map {layer_pairs}, but this run maps "
                               f"{self.layer_pairs}. Resume with the same distillation.layer_map.")
-        self.projections.load_state_dict(tensors)
+        self.projections.load_state_dict({key: value for key, value in tensors.items()
+                                          if not key.startswith(TEACHER_STATS_PREFIX)})
+        self.restore_teacher_stats(tensors, folder)
+
+    def restore_teacher_stats(self, tensors: dict, folder: str) -> None:
+        """teacher_norm unit: take the statistics a checkpoint was trained with, so a resumed run standardises as the
+        uninterrupted one did. A checkpoint without them (written with another teacher_norm) is measured again."""
+        if self.teacher_norm != "unit":
+            return
+        keys = [TEACHER_STATS_PREFIX + projection_key(*pair) for pair in self.layer_pairs]
+        if all(key + ".mean" in tensors and key + ".inv_std" in tensors for key in keys):
+            self.teacher_stats = [(tensors[key + ".mean"].float(), tensors[key + ".inv_std"].float()) for key in keys]
+        else:
+            print_rank0(f"warning: '{folder}' has no teacher_norm unit statistics; they are measured again at the first "
+                        "step of this run")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # DeepSpeed restores the projections from its own checkpoint without _load_from_checkpoint: the statistics
+        # come from the checkpoint's projections file here, for every engine.
+        if (isinstance(resume_from_checkpoint, str) and self.projections is not None
+                and os.path.isfile(os.path.join(resume_from_checkpoint, PROJECTIONS_FILE))):
+            self.restore_teacher_stats(load_projections(resume_from_checkpoint)[0], resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -174,6 +174,7 @@ def hidden_state_loss(
     loss: str = "mse",
     num_positions: int | torch.Tensor | None = None,
     teacher_norm: str = "none",
+    teacher_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Hidden-state loss over L mapped layer pairs and the aligned positions:
 
@@ -188,15 +189,21 @@ def hidden_state_loss(
     the mse is then scale-free (1 for a student that outputs zeros, whatever the teacher's layer or model size), so
     it neither dwarfs nor vanishes against the CE. "unit" standardises each teacher unit over the n compared positions
     instead, (t_j - mean_k t_kj) / sqrt(var_k t_kj + 1e-6): every unit weighs the same, where with "rms" a pretrained
-    teacher's few huge units make up nearly the whole target. "none" compares the raw states. Cosine ignores it (scale-free).
+    teacher's few huge units make up nearly the whole target. `teacher_stats[l]` = (mean, 1 / sqrt(var + 1e-6)) of pair
+    l, measured once (distil_hidden.py: over the first optimizer step), replaces the n positions' own statistics, so
+    the loss of a position no longer depends on which micro-batch it is in. "none" compares the raw states. Cosine
+    is unchanged by rms (one scale per state), not by unit (each unit shifted and scaled).
     """
     if teacher_norm not in TEACHER_NORMS:
         raise ConfigError(f"unknown teacher_norm '{teacher_norm}'; choose one of {', '.join(TEACHER_NORMS)}.")
     total = student_projected[0].new_zeros((), dtype=torch.float32)
-    for projected, target in zip(student_projected, teacher_hidden):
+    for index, (projected, target) in enumerate(zip(student_projected, teacher_hidden)):
         projected, target = projected.float(), target.to(projected.device).float()
         if teacher_norm == "rms":
             target = target * torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + 1e-6)
+        elif teacher_norm == "unit" and teacher_stats is not None:  # each unit standardised with measured statistics
+            mean, inv_std = teacher_stats[index]
+            target = (target - mean.to(target)) * inv_std.to(target)
         elif teacher_norm == "unit":  # each hidden unit standardised over the compared positions of the batch
             target = (target - target.mean(0, keepdim=True)) * torch.rsqrt(target.var(0, unbiased=False, keepdim=True) + 1e-6)
         if loss == "mse":

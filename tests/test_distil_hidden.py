@@ -408,10 +408,16 @@ def test_cross_architecture_cross_tokenizer_end_to_end(assets, hidden_assets, tm
     saved, layer_pairs = load_projections(out)
     assert layer_pairs == [(1, 2), (2, 3)]
     initial = build_projections(layer_pairs, 48, 64, seed=config["training"]["seed"]).state_dict()
-    assert set(saved) == set(initial) == {"1_2.weight", "1_2.bias", "2_3.weight", "2_3.bias"}
-    for name, value in saved.items():
-        assert not torch.equal(value, initial[name]), name
-        assert torch.equal(value, trainer.projections.state_dict()[name].cpu()), name
+    assert set(initial) == {"1_2.weight", "1_2.bias", "2_3.weight", "2_3.bias"}
+    # With it, teacher_norm unit's statistics (the cross-tokenizer default), as the trainer used them.
+    stats = {f"teacher_norm.{pair}.{part}" for pair in ("1_2", "2_3") for part in ("mean", "inv_std")}
+    assert set(saved) == set(initial) | stats
+    for name in initial:
+        assert not torch.equal(saved[name], initial[name]), name
+        assert torch.equal(saved[name], trainer.projections.state_dict()[name].cpu()), name
+    for index, pair in enumerate(("1_2", "2_3")):
+        assert torch.equal(saved[f"teacher_norm.{pair}.mean"], trainer.teacher_stats[index][0].cpu())
+        assert torch.equal(saved[f"teacher_norm.{pair}.inv_std"], trainer.teacher_stats[index][1].cpu())
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "hidden_projections.safetensors"))
 
     # The student trained; the teacher did not, and ran frozen in eval mode without dropout.
@@ -451,9 +457,12 @@ def test_linear_decay_weighs_each_step_with_its_scheduled_alpha(assets, hidden_a
         assert log["loss"] == pytest.approx(alpha * log["hidden_loss"] + (1 - alpha) * log["ce_loss"], rel=1e-4)
 
 
-def test_resume_restores_the_projections(assets, hidden_assets, tmp_path):
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_resume_restores_the_projections(assets, hidden_assets, tmp_path, loss):
+    """A run resumed from checkpoint-2 ends where the uninterrupted run does. With mse across tokenizers (teacher_norm
+    unit) the checkpoint's unit statistics are restored too: measured again on step 3's rows, they would differ."""
     def run(out, resume=None):
-        config = hidden_config(assets, hidden_assets, out, layer_map=[[2, 3]], loss="cosine")
+        config = hidden_config(assets, hidden_assets, out, layer_map=[[2, 3]], loss=loss)
         config["dataset"]["eval_size"] = 0
         config["training"].update(max_steps=4, save_steps=2, save_total_limit=None, resume_from_checkpoint=resume)
         return distil_hidden.main(config)
@@ -473,6 +482,9 @@ def test_resume_restores_the_projections(assets, hidden_assets, tmp_path):
 
     trainer = run(interrupted, resume=True)
     assert trainer.state.global_step == 4
+    if loss == "mse":
+        saved = load_file(os.path.join(interrupted, "checkpoint-2", "hidden_projections.safetensors"))
+        assert torch.equal(trainer.teacher_stats[0][0].cpu(), saved["teacher_norm.2_3.mean"])
     for name, value in load_projections(full)[0].items():
         torch.testing.assert_close(load_projections(interrupted)[0][name], value, rtol=1e-6, atol=1e-7)
     for name, value in load_file(os.path.join(full, "model.safetensors")).items():
@@ -480,13 +492,13 @@ def test_resume_restores_the_projections(assets, hidden_assets, tmp_path):
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_one_batch_of_4_equals_two_accumulated_batches_of_2(assets, hidden_assets, tmp_path):
+@pytest.mark.parametrize("teacher_norm", ["rms", "auto"])
+def test_one_batch_of_4_equals_two_accumulated_batches_of_2(assets, hidden_assets, tmp_path, teacher_norm):
     """SGD: equal updates mean equal gradients. Rows have different numbers of aligned positions, so a hidden loss
-    averaged per micro-batch would fail this."""
+    averaged per micro-batch would fail this; so would teacher_norm unit (auto across tokenizers) standardising each
+    micro-batch with its own statistics instead of the step's."""
     def sgd_step(out, batch, accumulation):
-        # rms: per position. The cross-tokenizer default (auto -> unit) standardises over each micro-batch's positions,
-        # so there accumulation is close to, not exactly, one large batch (docs/hidden-states.md).
-        config = hidden_config(assets, hidden_assets, out, teacher_norm="rms")
+        config = hidden_config(assets, hidden_assets, out, teacher_norm=teacher_norm)
         config["dataset"]["eval_size"] = 0
         config["training"].update(
             max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, optim="sgd",
@@ -500,6 +512,35 @@ def test_one_batch_of_4_equals_two_accumulated_batches_of_2(assets, hidden_asset
     accumulated = sgd_step(str(tmp_path / "b"), 2, 2)
     for name in single:
         torch.testing.assert_close(single[name], accumulated[name], rtol=1e-5, atol=1e-6)
+
+
+def test_unit_statistics_are_the_first_steps_measured_once(assets, hidden_assets, tmp_path):
+    """teacher_norm unit (the cross-tokenizer default) standardises each teacher unit with its mean and standard
+    deviation over the compared positions of the first optimizer step: here every training row (one step of them
+    all), recomputed row by row from the teacher's plain forward. Kept, not re-measured, at the next steps."""
+    config = hidden_config(assets, hidden_assets, str(tmp_path / "out"))
+    config["dataset"]["eval_size"] = 0
+    config["training"].update(max_steps=2, per_device_train_batch_size=len(CONVERSATIONS), gradient_accumulation_steps=1,
+                              save_strategy="no")
+    trainer = distil_hidden.main(config)
+    assert trainer.teacher_norm == "unit" and trainer.layer_pairs == [(1, 2), (2, 3)]
+
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
+    states = {1: [], 2: []}
+    for row in trainer.train_dataset:
+        student_positions = torch.tensor(row["student_positions"])
+        teacher_positions = torch.tensor(row["teacher_positions"])
+        keep = same_next_token(torch.zeros_like(student_positions), student_positions, teacher_positions)
+        with torch.no_grad():
+            hidden = teacher(input_ids=torch.tensor([row["teacher_input_ids"]]), output_hidden_states=True).hidden_states
+        for index, (_, teacher_layer) in enumerate(trainer.layer_pairs):
+            states[index + 1].append(hidden[teacher_layer][0, teacher_positions[keep]])
+    for index in range(2):
+        compared = torch.cat(states[index + 1]).double()
+        assert compared.shape[0] > 10
+        mean, inv_std = trainer.teacher_stats[index]
+        torch.testing.assert_close(mean.double(), compared.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inv_std.double(), torch.rsqrt(compared.var(0, unbiased=False) + 1e-6), rtol=1e-4, atol=0)
 
 
 def test_shared_tokenizer_with_logit_term(assets, hidden_assets, tmp_path):
