@@ -150,7 +150,7 @@ ALPHA_SCHEDULES = ("constant", "linear_decay")  # distillation.alpha_schedule
 
 def resolved_teacher_norm(setting: str, shared_tokenizer: bool) -> str:
     """distillation.teacher_norm as losses.hidden_state_loss takes it: `auto` is `unit` across tokenizers (measured
-    below SFT on 8 of 9 runs of three tasks, docs/hidden-states.md) and `rms` with one tokenizer, as before."""
+    at most SFT on three tasks as the mean over 5-6 seeds, docs/hidden-states.md) and `rms` with one tokenizer, as before."""
     if setting == "auto":
         return "rms" if shared_tokenizer else "unit"
     return setting

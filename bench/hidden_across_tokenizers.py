@@ -5,7 +5,8 @@ defaults end at or below SFT's held-out CE (same student, rendering, rows and st
     python bench/hidden_across_tokenizers.py --task xtok
     python bench/hidden_across_tokenizers.py --task demo_b
     python bench/hidden_across_tokenizers.py --task real --variants sft hidden hidden:alpha_schedule=constant
-    python bench/hidden_across_tokenizers.py --table            # every result recorded so far, all tasks
+    python bench/hidden_across_tokenizers.py --table            # every result recorded so far, all tasks, and the
+                                                                # summary over seeds (mean ratio, 95% interval)
 
 Tasks (each with a student on a tokenizer other than its teacher's; one task per invocation keeps a run short):
 - real: SmolLM2-135M-Instruct (examples/real_teacher.py, 49,152-token BPE, ChatML) teaching the small random Llama
@@ -142,6 +143,32 @@ def print_table(results: dict) -> None:
         print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # two-sided, by df
+
+
+def print_summary(results: dict, variants=("hidden", "sft:lr_scale=1.03")) -> None:
+    """Per task and variant, over the seeds that have both it and SFT: the mean ratio to SFT of the same seed, its 95%
+    interval (Student t over seeds), the range and how many seeds end above SFT. `sft:lr_scale=1.03` is the noise
+    floor: SFT against SFT, moved only by a 3% larger learning rate."""
+    import statistics
+
+    print("\n| task | variant | seeds | mean ratio to SFT | 95% interval | range | seeds above SFT |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    tasks = sorted({key.split("|")[0] for key in results}, key=lambda t: (TASKS.index(t.split("@")[0]), t))
+    for task in tasks:
+        for variant in variants:
+            seeds = sorted(int(key.split("|")[2]) for key in results
+                           if key.startswith(f"{task}|{variant}|") and f"{task}|sft|{key.split('|')[2]}" in results)
+            ratios = [results[f"{task}|{variant}|{seed}"] / results[f"{task}|sft|{seed}"] for seed in seeds]
+            if len(ratios) < 2:
+                continue
+            mean = statistics.mean(ratios)
+            half = T_95.get(len(ratios) - 1, 2.0) * statistics.stdev(ratios) / len(ratios) ** 0.5
+            above = sum(ratio > 1 for ratio in ratios)
+            print(f"| {task} | {variant} | {seeds[0]}-{seeds[-1]} | {mean:.4f} | {mean - half:.4f} to {mean + half:.4f} | "
+                  f"{min(ratios):.4f} to {max(ratios):.4f} | {above} of {len(ratios)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS)
@@ -156,6 +183,7 @@ def main() -> None:
     results = json.load(open(record_path)) if os.path.isfile(record_path) else {}
     if args.table or args.task is None:
         print_table(results)
+        print_summary(results)
         return
     torch.set_num_threads(args.threads)
     make, heldout = task_setup(args.task, args.epochs)
