@@ -60,7 +60,7 @@ from common import (
 from data import next_token_mask, prepare_datasets, rendered_texts, wants_eval
 from distillation_trainer import DistillationTrainer, check_kd_settings, config_keys, validate_config
 from distributed import check_launch, peak_memory_mib, print_memory_report
-from losses import HIDDEN_LOSSES, TEACHER_NORMS, hidden_state_loss
+from losses import HIDDEN_LOSSES, TEACHER_NORMS, UNIT_NORM_EPS, hidden_state_loss
 from projections import (
     PROJECTIONS_FILE,
     build_projections,
@@ -283,7 +283,7 @@ class HiddenStatesTrainer(DistillationTrainer):
         units = (moments.shape[1] - 1) // 2
         mean = moments[:, 1:1 + units] / count
         variance = (moments[:, 1 + units:] / count - mean.pow(2)).clamp(min=0)
-        inv_std = torch.rsqrt(variance + 1e-6)
+        inv_std = torch.rsqrt(variance + UNIT_NORM_EPS)
         print_rank0(f"teacher_norm unit: each teacher unit's mean and standard deviation measured over the {count} "
                     "compared positions of the first optimizer step; kept for the run, saved with the projections")
         return [(mean[index].float(), inv_std[index].float()) for index in range(len(self.layer_pairs))]
@@ -293,8 +293,8 @@ class HiddenStatesTrainer(DistillationTrainer):
         if self.teacher_stats is None:
             return {}
         tensors = {}
-        for (student_layer, teacher_layer), (mean, inv_std) in zip(self.layer_pairs, self.teacher_stats):
-            key = TEACHER_STATS_PREFIX + projection_key(student_layer, teacher_layer)
+        for pair, (mean, inv_std) in zip(self.layer_pairs, self.teacher_stats):
+            key = TEACHER_STATS_PREFIX + projection_key(*pair)
             tensors[key + ".mean"], tensors[key + ".inv_std"] = mean.detach().cpu(), inv_std.detach().cpu()
         return tensors
 
@@ -374,34 +374,29 @@ class HiddenStatesTrainer(DistillationTrainer):
             save_projections({**tensors, **self.teacher_stats_tensors()}, self.layer_pairs, output_dir)
 
     def load_projections(self, folder: str) -> None:
-        """Restore the projections (and teacher_norm unit's statistics) from folder/hidden_projections.safetensors (a
-        checkpoint or a finished run)."""
+        """Restore the projections from folder/hidden_projections.safetensors (a checkpoint or a finished run); the
+        teacher_norm unit statistics in the same file are restored once, by train()."""
         tensors, layer_pairs = load_projections(folder)
         if layer_pairs != self.layer_pairs:
             raise ConfigError(f"'{folder}' holds projections for the layer map {layer_pairs}, but this run maps "
                               f"{self.layer_pairs}. Resume with the same distillation.layer_map.")
         self.projections.load_state_dict({key: value for key, value in tensors.items()
                                           if not key.startswith(TEACHER_STATS_PREFIX)})
-        self.restore_teacher_stats(tensors, folder)
-
-    def restore_teacher_stats(self, tensors: dict, folder: str) -> None:
-        """teacher_norm unit: take the statistics a checkpoint was trained with, so a resumed run standardises as the
-        uninterrupted one did. A checkpoint without them (written with another teacher_norm) is measured again."""
-        if self.teacher_norm != "unit":
-            return
-        keys = [TEACHER_STATS_PREFIX + projection_key(*pair) for pair in self.layer_pairs]
-        if all(key + ".mean" in tensors and key + ".inv_std" in tensors for key in keys):
-            self.teacher_stats = [(tensors[key + ".mean"].float(), tensors[key + ".inv_std"].float()) for key in keys]
-        else:
-            print_rank0(f"warning: '{folder}' has no teacher_norm unit statistics; they are measured again at the first "
-                        "step of this run")
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # DeepSpeed restores the projections from its own checkpoint without _load_from_checkpoint: the statistics
-        # come from the checkpoint's projections file here, for every engine.
-        if (isinstance(resume_from_checkpoint, str) and self.projections is not None
-                and os.path.isfile(os.path.join(resume_from_checkpoint, PROJECTIONS_FILE))):
-            self.restore_teacher_stats(load_projections(resume_from_checkpoint)[0], resume_from_checkpoint)
+        # teacher_norm unit: a resumed run standardises with the statistics the checkpoint was trained with (measured
+        # again on this run's first step, they would differ). Read here for every engine: DeepSpeed restores the
+        # projections from its own checkpoint, without _load_from_checkpoint.
+        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE) if isinstance(resume_from_checkpoint, str) else ""
+        if self.teacher_norm == "unit" and self.projections is not None and os.path.isfile(path):
+            tensors = load_projections(resume_from_checkpoint)[0]
+            keys = [TEACHER_STATS_PREFIX + projection_key(*pair) for pair in self.layer_pairs]
+            if all(key + ".mean" in tensors and key + ".inv_std" in tensors for key in keys):
+                self.teacher_stats = [(tensors[key + ".mean"].to(self.args.device, torch.float32),
+                                       tensors[key + ".inv_std"].to(self.args.device, torch.float32)) for key in keys]
+            else:
+                print_rank0(f"warning: '{resume_from_checkpoint}' has no teacher_norm unit statistics; they are "
+                            "measured again at the first step of this run")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:

@@ -24,6 +24,7 @@ from heads import full_head_tensors, transform_logits_
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 HIDDEN_LOSSES = ("mse", "cosine")
+UNIT_NORM_EPS = 1e-6  # teacher_norm unit: 1 / sqrt(var + eps), here and where distil_hidden.py measures the statistics
 TEACHER_NORMS = ("rms", "none", "unit")  # hidden_state_loss: what the teacher's states are divided by before the loss
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,11 +202,10 @@ def hidden_state_loss(
         projected, target = projected.float(), target.to(projected.device).float()
         if teacher_norm == "rms":
             target = target * torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + 1e-6)
-        elif teacher_norm == "unit" and teacher_stats is not None:  # each unit standardised with measured statistics
-            mean, inv_std = teacher_stats[index]
+        elif teacher_norm == "unit":  # each hidden unit standardised: measured statistics, else the batch's own
+            mean, inv_std = teacher_stats[index] if teacher_stats is not None else (
+                target.mean(0), torch.rsqrt(target.var(0, unbiased=False) + UNIT_NORM_EPS))
             target = (target - mean.to(target)) * inv_std.to(target)
-        elif teacher_norm == "unit":  # each hidden unit standardised over the compared positions of the batch
-            target = (target - target.mean(0, keepdim=True)) * torch.rsqrt(target.var(0, unbiased=False, keepdim=True) + 1e-6)
         if loss == "mse":
             total = total + (projected - target).pow(2).mean(-1).sum()
         elif loss == "cosine":
